@@ -64,7 +64,7 @@ _declare(
     Param('medmnist_flag', 'str', 'pathmnist', "MedMNIST 2D dataset flag (source: medmnist)", stage='data'),
     Param('medmnist_npz', 'path', None, "a local MedMNIST .npz file; when unset, the medmnist package downloads it", stage='data', optional=True),
     Param('medmnist_size', 'int', 28, "MedMNIST image size to download (28, 64, 128 or 224)", stage='data', choices=(28,64,128,224)),
-    Param('data_root', 'path', None, "folder of the images (source: imagefolder, csv)", stage='data', optional=True),
+    Param('data_root', 'path', None, "folder of the images (source: imagefolder: one subfolder per class; csv: the CSV's paths are relative to it, default the CSV's folder)", stage='data', optional=True),
     Param('csv_file', 'path', None, "CSV file with one row per image (source: csv)", stage='data', optional=True),
     Param('csv_path_column', 'str', 'path', "CSV column with the image path, relative to data_root", stage='data'),
     Param('csv_label_column', 'str', 'label', "CSV column with the class name", stage='data'),
@@ -77,6 +77,26 @@ _declare(
     Param('max_per_class', 'int', None, "cap on images per class and split (quick runs); null takes all", stage='data', optional=True, min=1),
     Param('on_bad_image', 'str', 'error', "an unreadable image or one of unexpected size/mode: stop, or skip it and list it", stage='data',
           choices=('error','skip')),
+)
+
+# %% ../nbs/00_config.ipynb #73e09fa0
+_declare(  # selfcheck: the judge accepts or rejects each generated image; rejected ones are regenerated
+    Param('accept_threshold', 'float', 0.5, "an image is accepted when the judge predicts its class with at least this probability", stage='selfcheck', min=0, max=1),
+    Param('target_per_class', 'int', 10, "accepted images wanted per class", stage='selfcheck', min=1),
+    Param('max_rounds', 'int', 5, "regeneration rounds after the first batch (round 0, from the generate stage)", stage='selfcheck', min=0),
+    Param('max_candidates_per_class', 'int', 40, "generation budget: candidates per class over all rounds, round 0 included", stage='selfcheck', min=1),
+)
+
+# %% ../nbs/00_config.ipynb #f6d7eaaf
+_declare(  # evaluate: scores, distances, train-on-synthetic and the report
+    Param('eval_epochs', 'int', 6, "epochs of each classifier trained for CAS and augmentation (real only, synthetic only, real + synthetic)", stage='evaluate', min=1),
+    Param('inception_weights', 'path', None, "a local Inception v3 weights file (FID's pt_inception-2015-12-05) for torchmetrics FID/KID; null skips them", stage='evaluate', optional=True),
+    Param('kid_subset_size', 'int', 1000, "KID subset size; reduced to the smaller sample when that is smaller", stage='evaluate', min=2),
+    Param('kid_subsets', 'int', 100, "KID random subsets averaged", stage='evaluate', min=1),
+    Param('prdc_k', 'int', 5, "neighbours for k-NN precision/recall/density/coverage (reduced for tiny samples)", stage='evaluate', min=1),
+    Param('grid_per_class', 'int', 6, "real and generated images per class in the side-by-side grid", stage='evaluate', min=1),
+    Param('rejected_shown', 'int', 24, "rejected images shown in the report", stage='evaluate', min=0),
+    Param('report_format', 'str', 'html', "report/index.html, report/report.md, or both", stage='evaluate', choices=('html','md','both')),
 )
 
 # %% ../nbs/00_config.ipynb #39b2a092

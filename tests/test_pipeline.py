@@ -1,0 +1,263 @@
+"""The runner: papermill stage by stage into the run directory, skip-on-rerun, changed parameters, failures,
+the lock, --only/--from/--force, timings.json, accelerate passthrough. Stage notebooks here are small throwaway
+ones written to a temporary folder (the real ones are tested by their own chapters and the slow demo test)."""
+import configparser, json, os, signal, socket, subprocess, sys, time
+from pathlib import Path
+import nbformat, pytest
+from conftest import ROOT
+from medsynth.config import STAGES, load_params, read_json
+import medsynth.pipeline as mp
+from medsynth.pipeline import (run, main, new_stage_notebook, stage_notebook_problems, STAGE_NOTEBOOKS, STAGE_OUTPUTS,
+                               PipelineError, RunLocked, StageFailed, read_stamp, COLAB_CELL)
+
+def _outputs(stage):
+    return [o[0] if isinstance(o, tuple) else o for o in STAGE_OUTPUTS[stage]]
+
+def stage_code(stage, extra=''):
+    "A toy stage: logs that it ran (with the seed it saw), writes the stage's declared outputs, then `extra`."
+    return f"""import os, time, json
+from pathlib import Path
+from medsynth.config import load_params
+P = load_params(params_file, run_dir=run_dir, **overrides)
+rd = Path(P.run_dir)
+with open(rd/'executed.log', 'a') as f: f.write('{stage} seed=' + str(P.seed) + '\\n')
+for o in {_outputs(stage)!r}:
+    (rd/o).parent.mkdir(parents=True, exist_ok=True); (rd/o).write_text('x')
+{extra}"""
+
+def make_nbs(folder, stages=STAGES, extra=None):
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    for s in stages:
+        new_stage_notebook(stage_code(s, (extra or {}).get(s, '')), path=folder/STAGE_NOTEBOOKS[s])
+    return folder
+
+SMALL = ('config', 'data', 'classify')
+
+def go(tmp_path, nbs=None, stages=SMALL, **kw):
+    logs = []
+    res = run(None, run_dir=str(tmp_path/'run'), nbs_dir=nbs or tmp_path/'nbs',
+              notebooks={s: STAGE_NOTEBOOKS[s] for s in stages}, progress=False, log=logs.append, **kw)
+    return res, '\n'.join(logs)
+
+def executed(tmp_path): return (tmp_path/'run'/'executed.log').read_text().split()[::2]
+
+def test_git_url_matches_settings():
+    cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
+    assert mp.GIT_URL == cfg['DEFAULT']['git_url'] and mp.BRANCH == cfg['DEFAULT']['branch']
+
+def test_cli_full_run_then_skip(tmp_path):
+    "All seven stages through the console command; a second run skips every stage and starts no kernel."
+    nbs = make_nbs(tmp_path/'nbs')
+    before = sorted(p.name for p in nbs.iterdir())
+    cmd = ['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(tmp_path/'run'), '--nbs', str(nbs)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i, s in enumerate(STAGES): assert f"[{i+1}/7] {s}" in r.stdout
+    assert r.stdout.count(' done in ') == 7 and 'peak memory' in r.stdout
+    rd = tmp_path/'run'
+    assert executed(tmp_path) == list(STAGES)
+    assert sorted(p.name for p in (rd/'notebooks').iterdir()) == sorted(STAGE_NOTEBOOKS.values())
+    assert sorted(p.name for p in nbs.iterdir()) == before  # nothing written next to the sources
+    for s in STAGES:
+        st = read_stamp(rd, s)
+        assert st['stage'] == s and st['params_hash'] and st['notebook'] == f"notebooks/{STAGE_NOTEBOOKS[s]}"
+    ex = nbformat.read(rd/'notebooks'/'01_data.ipynb', as_version=4)  # papermill injected the parameters
+    inj = [c for c in ex.cells if 'injected-parameters' in c.metadata.get('tags', [])]
+    assert len(inj) == 1 and str(rd) in inj[0].source and 'demo-cpu.yaml' in inj[0].source
+    t = read_json(rd/'timings.json')
+    assert list(t['stages']) == list(STAGES)
+    for s in STAGES:
+        e = t['stages'][s]
+        assert e['status'] == 'ran' and e['wall_s'] > 0 and e['peak_rss_mib'] > 20, (s, e)
+    assert not (rd/'.medsynth.lock').exists()
+    t0 = time.time()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.count('skipped: outputs complete for these parameters') == 7
+    assert executed(tmp_path) == list(STAGES)  # no stage executed again
+    assert time.time() - t0 < 30
+    assert all(v['status'] == 'skipped' and v['wall_s'] > 0 for v in read_json(rd/'timings.json')['stages'].values())
+
+def test_changed_param_reruns_that_stage_and_later(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    assert go(tmp_path)[0] == dict(config='ran', data='ran', classify='ran')
+    res, log = go(tmp_path, overrides={'phantom_per_class': 7})  # a key the data stage reads
+    assert res == dict(config='skipped', data='ran', classify='ran')
+    assert 'parameters changed: phantom_per_class 100 → 7' in log
+    res, log = go(tmp_path, overrides={'seed': 3})  # a config key: everything
+    assert res == dict(config='ran', data='ran', classify='ran')
+    assert executed(tmp_path) == ['config', 'data', 'classify', 'data', 'classify', 'config', 'data', 'classify']
+    assert (tmp_path/'run'/'executed.log').read_text().split()[-1] == 'seed=3'
+
+def test_only_from_force(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    res, log = go(tmp_path, only='data')
+    assert res == dict(data='ran') and "the stage before it, `config`, has not completed" in log
+    assert go(tmp_path, from_='data')[0] == dict(data='skipped', classify='ran')
+    assert go(tmp_path, only='classify', force=True)[0] == dict(classify='ran')
+    assert executed(tmp_path) == ['data', 'classify', 'classify']
+    # a stage that ran again invalidates the later ones, even with unchanged parameters
+    assert go(tmp_path, only='data', force=True)[0] == dict(data='ran')
+    assert go(tmp_path)[0] == dict(config='ran', data='ran', classify='ran')  # config had never run: all after it
+    assert go(tmp_path, only='data', force=True)[0] == dict(data='ran')
+    res, log = go(tmp_path)
+    assert res == dict(config='skipped', data='skipped', classify='ran') and 'an earlier stage has run again since' in log
+    with pytest.raises(PipelineError, match='not both'): go(tmp_path, only='data', from_='data')
+    with pytest.raises(PipelineError, match='--only finetune: not a stage of this run'): go(tmp_path, only='finetune')
+
+def test_missing_outputs_rerun(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    go(tmp_path)
+    (tmp_path/'run'/'classifier'/'model.safetensors').unlink()
+    res, log = go(tmp_path)
+    assert res == dict(config='skipped', data='skipped', classify='ran')
+    assert 'outputs missing: classifier/model.safetensors' in log
+
+def test_dry_run_changes_nothing(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    res, log = go(tmp_path, dry_run=True)
+    assert res == dict(config='would run', data='would run', classify='would run')
+    assert not (tmp_path/'run').exists()
+
+def test_failure_names_stage_notebook_and_error_then_resumes(tmp_path):
+    nbs = make_nbs(tmp_path/'nbs', extra={'classify': "raise ValueError('boom 42: bad thing')"})
+    r = subprocess.run(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(tmp_path/'run'), '--nbs', str(nbs)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    out_nb = tmp_path/'run'/'notebooks'/'02_classify.ipynb'
+    assert "stage `classify` failed: ValueError: boom 42: bad thing" in r.stderr
+    assert f"executed notebook: {out_nb}" in r.stderr and "raise ValueError('boom 42" in r.stderr
+    assert str(nbs/'02_classify.ipynb') in r.stderr and 'resume' in r.stderr
+    assert out_nb.exists()
+    rd = tmp_path/'run'
+    assert read_stamp(rd, 'config') and read_stamp(rd, 'data') and read_stamp(rd, 'classify') is None
+    assert (rd/'data'/'classes.json').exists()  # earlier outputs intact
+    assert read_json(rd/'timings.json')['stages']['classify']['status'] == 'failed'
+    assert not (rd/'.medsynth.lock').exists()
+    make_nbs(nbs, ['classify'])  # fixed: the run resumes at classify
+    res, _ = go(tmp_path, nbs=nbs)
+    assert res == dict(config='skipped', data='skipped', classify='ran')
+
+def test_interrupted_stage_resumes(tmp_path):
+    "SIGINT in the middle of a stage: exit 130, no stamp, lock released; the next run finishes the remaining work."
+    work = """out = rd/'items'; out.mkdir(exist_ok=True)
+for i in range(6):
+    if (out/f'{i}.txt').exists(): continue      # resumable: work already done is skipped
+    (out/f'{i}.txt').write_text(str(i))
+    with open(rd/'work.log', 'a') as f: f.write(f'{i}\\n')
+    time.sleep(0.5)"""
+    nbs = make_nbs(tmp_path/'nbs', SMALL, extra={'data': work})
+    rd = tmp_path/'run'
+    p = subprocess.Popen(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(nbs)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not ((rd/'work.log').exists() and len((rd/'work.log').read_text().split()) >= 2):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, out + err
+    assert 'interrupted' in err
+    assert read_stamp(rd, 'data') is None and not (rd/'.medsynth.lock').exists()
+    done = (rd/'work.log').read_text().split()
+    assert 2 <= len(done) < 6
+    time.sleep(1)  # let the orphaned kernel notice (it exits when its parent does)
+    res, _ = go(tmp_path, nbs=nbs)
+    assert res == dict(config='skipped', data='ran', classify='ran')
+    assert sorted((rd/'work.log').read_text().split()) == [str(i) for i in range(6)]  # each item done once
+
+def test_lock_busy_and_stale(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    rd = tmp_path/'run'; rd.mkdir()
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (rd/'.medsynth.lock').write_text(json.dumps(dict(pid=sleeper.pid, host=socket.gethostname(), started=time.time())))
+        with pytest.raises(RunLocked, match=f'pid {sleeper.pid}'): go(tmp_path)
+        r = subprocess.run(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(tmp_path/'nbs')],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 3 and 'being written by another run' in r.stderr
+        assert not (rd/'executed.log').exists()
+    finally: sleeper.kill(); sleeper.wait()
+    res, log = go(tmp_path)  # its pid is dead now: the lock is stale
+    assert res == dict(config='ran', data='ran', classify='ran')
+    assert f'taking over a stale lock' in log and f'pid {sleeper.pid}' in log
+    assert not (rd/'.medsynth.lock').exists()
+
+def test_peak_memory_per_stage(tmp_path):
+    big = "blob = b'x' * (300 * 2**20); time.sleep(0.3); del blob"
+    make_nbs(tmp_path/'nbs', SMALL, extra={'data': big})
+    go(tmp_path)
+    t = read_json(tmp_path/'run'/'timings.json')['stages']
+    assert t['data']['peak_rss_mib'] >= 300, t
+    assert t['classify']['peak_rss_mib'] < t['data']['peak_rss_mib'] - 200, t  # a later, smaller stage: its own peak
+
+def test_no_notebooks_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(PipelineError, match='no such folder'): go(tmp_path, nbs=tmp_path/'none')
+    monkeypatch.setattr(mp, 'repo_root', lambda: None)  # as for a medsynth installed from a wheel
+    with pytest.raises(PipelineError, match='installed without them.*git clone https://github.com/medsynth/medsynth'):
+        run(None, run_dir=str(tmp_path/'run'))
+    (tmp_path/'nbs').mkdir()
+    with pytest.raises(PipelineError, match='stage notebooks not found'): go(tmp_path)
+
+def test_bad_params_exit_2(tmp_path):
+    r = subprocess.run(['medsynth', 'run', 'params/demo-cpu.yaml', '--set', 'sed=1'], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and 'unknown key `sed`' in r.stderr
+
+def test_notebook_without_parameters_cell_is_refused(tmp_path):
+    make_nbs(tmp_path/'nbs', SMALL)
+    nb = nbformat.read(tmp_path/'nbs'/'01_data.ipynb', as_version=4)
+    nb.cells[1].metadata = {}
+    nbformat.write(nb, tmp_path/'nbs'/'01_data.ipynb')
+    with pytest.raises(PipelineError, match='expected one cell tagged `parameters`'): go(tmp_path)
+
+def test_accelerate_passthrough(tmp_path, monkeypatch):
+    "num_processes: 2 fine-tunes through `accelerate launch`: two ranks that see each other, then the notebook."
+    (tmp_path/'mods').mkdir()
+    (tmp_path/'mods'/'accprobe.py').write_text('''import json, os
+from pathlib import Path
+def run_probe(P):
+    from accelerate import Accelerator
+    import torch
+    acc = Accelerator(cpu=True)
+    w = torch.full((3,), float(acc.process_index))
+    w = acc.reduce(w, reduction='mean')   # a collective: both ranks must take part
+    Path(P.run_dir, f'rank{acc.process_index}.json').write_text(json.dumps(dict(
+        n=acc.num_processes, rank=acc.process_index, kind=str(acc.distributed_type), w=w.tolist(), np=P.num_processes)))
+''')
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path/'mods') + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    stages = ('config', 'finetune')
+    make_nbs(tmp_path/'nbs', stages, extra={'finetune': "assert (rd/'rank0.json').exists(), 'the launch ran first'"})
+    res, log = go(tmp_path, stages=stages, overrides={'num_processes': 2}, entries={'finetune': 'accprobe:run_probe'})
+    assert res == dict(config='ran', finetune='ran')
+    assert 'accelerate launch: 2 processes' in log
+    rd = tmp_path/'run'
+    ranks = [json.loads((rd/f'rank{i}.json').read_text()) for i in range(2)]
+    assert [r['rank'] for r in ranks] == [0, 1] and all(r['n'] == 2 and r['np'] == 2 for r in ranks)
+    assert all(r['kind'] == 'DistributedType.MULTI_CPU' for r in ranks)
+    assert ranks[0]['w'] == ranks[1]['w'] == [0.5] * 3  # identical after the all-reduce
+    assert (rd/'notebooks'/'finetune.accelerate.log').exists() and (rd/'notebooks'/'finetune.params.yaml').exists()
+    assert load_params(rd/'notebooks'/'finetune.params.yaml').num_processes == 2
+
+def test_accelerate_failure_is_reported(tmp_path, monkeypatch):
+    (tmp_path/'mods').mkdir()
+    (tmp_path/'mods'/'accbad.py').write_text("def run_bad(P): raise RuntimeError('rank exploded')\n")
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path/'mods') + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    stages = ('config', 'finetune')
+    make_nbs(tmp_path/'nbs', stages)
+    with pytest.raises(StageFailed) as e:
+        go(tmp_path, stages=stages, overrides={'num_processes': 2}, entries={'finetune': 'accbad:run_bad'})
+    msg = str(e.value)
+    assert 'stage `finetune` failed' in msg and 'accelerate launch' in msg and 'rank exploded' in msg
+    assert 'finetune.accelerate.log' in msg
+
+@pytest.mark.parametrize('name', ['07_explore.ipynb', '08_pipeline.ipynb', *STAGE_NOTEBOOKS.values()])
+def test_notebooks_follow_the_contract(name):
+    "Every notebook in nbs/ installs medsynth on Colab first; stage notebooks have the parameters cell papermill needs."
+    p = ROOT/'nbs'/name
+    if not p.exists(): pytest.skip(f"{name} not written yet")
+    problems = stage_notebook_problems(p)
+    if name in ('07_explore.ipynb', '08_pipeline.ipynb'): problems = [q for q in problems if 'parameters' not in q]
+    colab = [q for q in problems if 'COLAB_CELL' in q]
+    assert [q for q in problems if q not in colab] == []
+    if colab and name in STAGE_NOTEBOOKS.values(): pytest.xfail(f"{name}: the Colab install cell is not added yet")
+    assert colab == []
