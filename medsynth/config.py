@@ -79,7 +79,62 @@ _declare(
           choices=('error','skip')),
 )
 
-# %% ../nbs/00_config.ipynb #73e09fa0
+# %% ../nbs/00_config.ipynb #2d40d887
+_declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5 + LoRA) and how it is trained
+    Param('base_model', 'str', 'tiny', "generator base: 'tiny' (SD architecture built from a config, trained here), a Hugging Face id or a local diffusers folder", stage='finetune'),
+    Param('finetune_method', 'str', 'full', "train the whole UNet (full) or LoRA adapters on its attention (lora); a tiny base needs full", stage='finetune', choices=('full','lora')),
+    Param('resolution', 'int', None, "training image side in pixels (images are resized); null keeps the dataset's size", stage='finetune', optional=True, min=8),
+    Param('lora_rank', 'int', 4, "LoRA rank r", stage='finetune', min=1),
+    Param('lora_alpha', 'float', None, "LoRA alpha (the update is scaled by alpha/r); null = the rank", stage='finetune', optional=True, min=0),
+    Param('lora_target_modules', 'list', ['to_q', 'to_k', 'to_v', 'to_out.0'], "UNet modules that get LoRA adapters", stage='finetune'),
+    Param('lora_init', 'str', 'gaussian', "peft's init_lora_weights for the adapters", stage='finetune', choices=('gaussian','default','pissa','olora')),
+    Param('train_steps', 'int', 900, "optimiser steps of UNet (or LoRA) training", stage='finetune', min=1),
+    Param('learning_rate', 'float', 2.0e-3, "peak learning rate of the UNet (or LoRA) optimiser (AdamW)", stage='finetune', min=0),
+    Param('train_batch_size', 'int', 32, "training examples per micro-batch and process", stage='finetune', min=1),
+    Param('gradient_accumulation_steps', 'int', 1, "micro-batches per optimiser step", stage='finetune', min=1),
+    Param('gradient_checkpointing', 'bool', False, "recompute UNet activations in the backward pass (less memory, slower)", stage='finetune'),
+    Param('max_grad_norm', 'float', 1.0, "gradient clipping norm; 0 turns clipping off", stage='finetune', min=0),
+    Param('lr_scheduler', 'str', 'cosine', "learning-rate schedule after warmup (diffusers' get_scheduler)", stage='finetune',
+          choices=('constant','constant_with_warmup','linear','cosine','cosine_with_restarts','polynomial')),
+    Param('lr_warmup_steps', 'int', 30, "learning-rate warmup steps", stage='finetune', min=0),
+    Param('noise_offset', 'float', 0.0, "noise offset: a per-channel constant added to the training noise (helps overall colour and brightness)", stage='finetune', min=0),
+    Param('snr_gamma', 'float', None, "Min-SNR-gamma loss weighting (5.0 is usual); null turns it off", stage='finetune', optional=True, min=0),
+    Param('caption_dropout', 'float', 0.1, "probability of training on the empty caption, for classifier-free guidance", stage='finetune', min=0, max=1),
+    Param('cache_augment', 'str', 'dihedral', "symmetries whose latents are cached for augmentation: none, flip (2) or dihedral (8 flips/rotations)", stage='finetune',
+          choices=('none','flip','dihedral')),
+    Param('vae_steps', 'int', 300, "tiny base: autoencoder training steps of its VAE", stage='finetune', min=0),
+    Param('vae_lr', 'float', 2.0e-3, "tiny base: VAE learning rate", stage='finetune', min=0),
+    Param('vae_batch_size', 'int', 32, "tiny base: VAE training batch size", stage='finetune', min=1),
+    Param('tiny_vae_channels', 'str', '32,64', "tiny base: VAE block channels, comma-separated; n levels shrink the side 2^(n-1) times", stage='finetune'),
+    Param('tiny_latent_channels', 'int', 4, "tiny base: VAE latent channels", stage='finetune', min=1),
+    Param('tiny_unet_channels', 'str', '32,64', "tiny base: UNet block channels, comma-separated (the first level has no attention)", stage='finetune'),
+    Param('tiny_unet_layers', 'int', 1, "tiny base: resnet layers per UNet block", stage='finetune', min=1),
+    Param('tiny_attention_head_dim', 'int', 8, "tiny base: channels per attention head", stage='finetune', min=1),
+    Param('tiny_text_dim', 'int', 32, "tiny base: CLIP text encoder width (= cross-attention dim)", stage='finetune', min=8),
+    Param('tiny_text_layers', 'int', 2, "tiny base: CLIP text encoder layers", stage='finetune', min=1),
+    Param('tiny_max_length', 'int', 32, "tiny base: tokens per caption (SD 1.5: 77)", stage='finetune', min=8),
+    Param('tiny_prediction_type', 'str', 'epsilon', "tiny base: what the UNet predicts", stage='finetune', choices=('epsilon','v_prediction')),
+    Param('checkpoint_every', 'int', 300, "save a resumable checkpoint every N steps (0: never)", stage='finetune', min=0),
+    Param('checkpoints_keep', 'int', 2, "checkpoints kept (the most recent)", stage='finetune', min=1),
+    Param('validation_every', 'int', 300, "draw a validation grid (one row per class, fixed seeds) every N steps (0: only at the end)", stage='finetune', min=0),
+    Param('validation_images', 'int', 6, "images per class in a validation grid", stage='finetune', min=1),
+    Param('report_to', 'str', 'tensorboard', "training logs through accelerate's trackers (tensorboard works offline)", stage='finetune',
+          choices=('none','tensorboard','wandb','all')),
+)
+
+# %% ../nbs/00_config.ipynb #7b22a740
+_declare(  # generate: sampling the generator, round 0 of generated/
+    Param('scheduler', 'str', 'dpmsolver++', "sampler", stage='generate',
+          choices=('dpmsolver++','dpmsolver++-karras','unipc','ddim','euler','euler_a','pndm','ddpm')),
+    Param('inference_steps', 'int', 20, "sampler steps per image", stage='generate', min=1),
+    Param('guidance_scale', 'float', 3.0, "classifier-free guidance scale (1: off)", stage='generate', min=0),
+    Param('negative_prompt', 'str', '', "caption to steer away from ('' = unconditional)", stage='generate'),
+    Param('images_per_class', 'int', 20, "images generated per class in round 0", stage='generate', min=1),
+    Param('generate_batch_size', 'int', 64, "images per pipeline call", stage='generate', min=1),
+    Param('generate_size', 'int', None, "generated image side; null = the generator's training resolution", stage='generate', optional=True, min=8),
+)
+
+# %% ../nbs/00_config.ipynb #7943b4f4
 _declare(  # selfcheck: the judge accepts or rejects each generated image; rejected ones are regenerated
     Param('accept_threshold', 'float', 0.5, "an image is accepted when the judge predicts its class with at least this probability", stage='selfcheck', min=0, max=1),
     Param('target_per_class', 'int', 10, "accepted images wanted per class", stage='selfcheck', min=1),
@@ -87,9 +142,10 @@ _declare(  # selfcheck: the judge accepts or rejects each generated image; rejec
     Param('max_candidates_per_class', 'int', 40, "generation budget: candidates per class over all rounds, round 0 included", stage='selfcheck', min=1),
 )
 
-# %% ../nbs/00_config.ipynb #f6d7eaaf
+# %% ../nbs/00_config.ipynb #2ab333a7
 _declare(  # evaluate: scores, distances, train-on-synthetic and the report
     Param('eval_epochs', 'int', 6, "epochs of each classifier trained for CAS and augmentation (real only, synthetic only, real + synthetic)", stage='evaluate', min=1),
+    Param('eval_real_per_class', 'int', None, "real training images per class for those classifiers and the distance reference (a cap for big datasets); null takes all", stage='evaluate', optional=True, min=1),
     Param('inception_weights', 'path', None, "a local Inception v3 weights file (FID's pt_inception-2015-12-05) for torchmetrics FID/KID; null skips them", stage='evaluate', optional=True),
     Param('kid_subset_size', 'int', 1000, "KID subset size; reduced to the smaller sample when that is smaller", stage='evaluate', min=2),
     Param('kid_subsets', 'int', 100, "KID random subsets averaged", stage='evaluate', min=1),

@@ -84,6 +84,7 @@ def test_changed_param_reruns_that_stage_and_later(tmp_path):
     res, log = go(tmp_path, overrides={'phantom_per_class': 7})  # a key the data stage reads
     assert res == dict(config='skipped', data='ran', classify='ran')
     assert 'parameters changed: phantom_per_class 100 → 7' in log
+    assert load_params(tmp_path/'run'/'params.yaml').phantom_per_class == 7  # the record follows, config skipped or not
     res, log = go(tmp_path, overrides={'seed': 3})  # a config key: everything
     assert res == dict(config='ran', data='ran', classify='ran')
     assert executed(tmp_path) == ['config', 'data', 'classify', 'data', 'classify', 'config', 'data', 'classify']
@@ -146,7 +147,7 @@ for i in range(6):
     (out/f'{i}.txt').write_text(str(i))
     with open(rd/'work.log', 'a') as f: f.write(f'{i}\\n')
     time.sleep(0.5)"""
-    nbs = make_nbs(tmp_path/'nbs', SMALL, extra={'data': work})
+    nbs = make_nbs(tmp_path/'nbs', extra={'data': work})
     rd = tmp_path/'run'
     p = subprocess.Popen(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(nbs)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -167,7 +168,7 @@ for i in range(6):
     assert sorted((rd/'work.log').read_text().split()) == [str(i) for i in range(6)]  # each item done once
 
 def test_lock_busy_and_stale(tmp_path):
-    make_nbs(tmp_path/'nbs', SMALL)
+    make_nbs(tmp_path/'nbs')
     rd = tmp_path/'run'; rd.mkdir()
     sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
@@ -261,3 +262,20 @@ def test_notebooks_follow_the_contract(name):
     assert [q for q in problems if q not in colab] == []
     if colab and name in STAGE_NOTEBOOKS.values(): pytest.xfail(f"{name}: the Colab install cell is not added yet")
     assert colab == []
+
+def test_colab_drive_not_mounted_is_a_clear_error(tmp_path, monkeypatch):
+    "On Colab (detected from COLAB_* variables, as in a papermill kernel) with use_drive, Drive must be mounted first."
+    make_nbs(tmp_path/'nbs', SMALL)
+    monkeypatch.setenv('COLAB_RELEASE_TAG', 'test')
+    if Path('/content/drive/MyDrive').exists(): pytest.skip("this machine has a Drive mount")
+    with pytest.raises(PipelineError, match=r"drive.mount\('/content/drive'\)"): go(tmp_path, overrides={'use_drive': True})
+    assert not (tmp_path/'run'/'.medsynth.lock').exists()
+
+def test_colab_cell_installs_only_on_colab(tmp_path):
+    "The Colab cell does nothing off Colab; on Colab it clones and installs (checked as text: no network here)."
+    r = subprocess.run([sys.executable, '-c', COLAB_CELL], capture_output=True, text=True, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if not k.startswith('COLAB_')})
+    assert r.returncode == 0 and r.stdout == '' and not (tmp_path/'medsynth').exists()
+    assert f"'git', 'clone', '-q', '--depth', '1', '{mp.GIT_URL}', '/content/medsynth'" in COLAB_CELL
+    assert "find_spec('medsynth') is None" in COLAB_CELL  # an installed medsynth (a runner on Colab) is left alone
+    assert mp.colab_url('03_finetune.ipynb') == 'https://colab.research.google.com/github/medsynth/medsynth/blob/main/nbs/03_finetune.ipynb'
