@@ -134,15 +134,15 @@ _declare(  # generate: sampling the generator, round 0 of generated/
     Param('generate_size', 'int', None, "generated image side; null = the generator's training resolution", stage='generate', optional=True, min=8),
 )
 
-# %% ../nbs/00_config.ipynb #7943b4f4
+# %% ../nbs/00_config.ipynb #37e74b9f
 _declare(  # selfcheck: the judge accepts or rejects each generated image; rejected ones are regenerated
     Param('accept_threshold', 'float', 0.5, "an image is accepted when the judge predicts its class with at least this probability", stage='selfcheck', min=0, max=1),
-    Param('target_per_class', 'int', 10, "accepted images wanted per class", stage='selfcheck', min=1),
+    Param('target_per_class', 'int', None, "accepted images wanted per class; null: images_per_class (as many as round 0 makes)", stage='selfcheck', optional=True, min=1),
     Param('max_rounds', 'int', 5, "regeneration rounds after the first batch (round 0, from the generate stage)", stage='selfcheck', min=0),
-    Param('max_candidates_per_class', 'int', 40, "generation budget: candidates per class over all rounds, round 0 included", stage='selfcheck', min=1),
+    Param('max_candidates_per_class', 'int', None, "generation budget: candidates per class over all rounds, round 0 included; null: 3 x target_per_class", stage='selfcheck', optional=True, min=1),
 )
 
-# %% ../nbs/00_config.ipynb #2ab333a7
+# %% ../nbs/00_config.ipynb #dcf6c604
 _declare(  # evaluate: scores, distances, train-on-synthetic and the report
     Param('eval_epochs', 'int', 6, "epochs of each classifier trained for CAS and augmentation (real only, synthetic only, real + synthetic)", stage='evaluate', min=1),
     Param('eval_real_per_class', 'int', None, "real training images per class for those classifiers and the distance reference (a cap for big datasets); null takes all", stage='evaluate', optional=True, min=1),

@@ -307,7 +307,7 @@ def test_site_in_browser(built_site, tmp_path):
         browser.screenshot(ARTIFACTS/'docs-home.png')
         stage = max(pages[1:], key=lambda p: p.images)   # the stage page with the most figures
         browser.goto(base + stage.page)
-        browser.js("document.querySelector('img.cell-output-image')?.scrollIntoView()")  # a figure in view
+        browser.js("document.querySelector('img.cell-output-image')?.scrollIntoView(); new Promise(r => setTimeout(r, 800))")  # a figure in view
         browser.screenshot(ARTIFACTS/f"docs-{Path(stage.page).stem}.png")
         assert (ARTIFACTS/'docs-home.png').stat().st_size > 10_000
     finally:

@@ -279,3 +279,17 @@ def test_colab_cell_installs_only_on_colab(tmp_path):
     assert f"'git', 'clone', '-q', '--depth', '1', '{mp.GIT_URL}', '/content/medsynth'" in COLAB_CELL
     assert "find_spec('medsynth') is None" in COLAB_CELL  # an installed medsynth (a runner on Colab) is left alone
     assert mp.colab_url('03_finetune.ipynb') == 'https://colab.research.google.com/github/medsynth/medsynth/blob/main/nbs/03_finetune.ipynb'
+
+def test_runner_leaves_out_slow_gpu_and_export_cells(tmp_path):
+    "Cells flagged for nbdev_test only (slow, gpu) and nbdev's export cell are not part of a run."
+    make_nbs(tmp_path/'nbs', SMALL)
+    f = tmp_path/'nbs'/'01_data.ipynb'
+    nb = nbformat.read(f, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell("#| slow\nraise RuntimeError('a slow check ran')"),
+                 nbformat.v4.new_code_cell("#| gpu\nraise RuntimeError('a gpu check ran')"),
+                 nbformat.v4.new_code_cell("#| hide\nfrom pathlib import Path\nraise RuntimeError('nbdev_export()')")]
+    nbformat.write(nb, f)
+    assert go(tmp_path)[0]['data'] == 'ran'
+    ex = nbformat.read(tmp_path/'run'/'notebooks'/'01_data.ipynb', as_version=4)
+    assert not any('RuntimeError' in c.source for c in ex.cells)
+    assert len(ex.cells) == len(nb.cells) - 3 + 1  # + papermill's injected parameters

@@ -173,3 +173,34 @@ def test_png_bytes_enlarges_without_smoothing():
     a = np.zeros((4, 4, 3), np.uint8); a[0, 0] = 255
     im = np.asarray(Image.open(io.BytesIO(png_bytes(a, size=16))))
     assert im.shape == (16, 16, 3) and (im[:4, :4] == 255).all() and (im[4:, 4:] == 0).all()
+
+def test_defaults_from_params_when_nothing_was_generated(tmp_path):
+    rd = tmp_path/'run'
+    P = load_params(run_dir=str(rd), phantom_per_class=3, phantom_size=SIZE, inference_steps=7, guidance_scale=1.5)
+    run_data(P); save_params(P)
+    e = Explorer(rd, generate_fn=phantom_generator, classify_fn=lambda ims: np.full((len(ims), 9), 1 / 9))
+    assert (e.w_steps.value, e.w_guidance.value) == (7, 1.5) and e.threshold == P.accept_threshold
+    assert e.rows(0, 'accepted') == [] and e.rows(0, 'rejected') == []
+    v = e.generate()
+    assert v.accepted is False  # a judge that cannot tell: nothing passes the threshold
+
+@pytest.mark.slow
+def test_explorer_with_the_runs_own_generator(small_run, tmp_path):
+    "The default generator is the run's own diffusers pipeline (here a tiny one, untrained), loaded on first use."
+    finetune = pytest.importorskip('medsynth.finetune')
+    from medsynth.config import write_json
+    import shutil
+    src, classify_fn, _ = small_run
+    rd = tmp_path/'run'
+    shutil.copytree(src, rd)
+    pipe = finetune.build_tiny_pipeline([c['caption'] for c in load_classes(rd)], resolution=SIZE)
+    pipe.save_pretrained(rd/'generator'/'pipeline')
+    write_json(rd/'generator'/'generator.json', dict(method='full', base_model='tiny'))
+    e = Explorer(rd, classify_fn=classify_fn)
+    assert e._generate_fn is None                       # nothing loaded until the first image
+    e.w_class.value, e.w_seed.value, e.w_steps.value, e.w_next_seed.value = 4, 9, 5, False
+    e.w_generate.click()
+    v = e.last
+    assert v.image.size == (SIZE, SIZE) and (e.w_progress.value, e.w_progress.max) == (5, 5)
+    assert v.pred == int(np.argmax(classify_fn([v.image])[0]))
+    assert np.array_equal(np.asarray(e.generate().image), np.asarray(v.image))  # same seed, same image
