@@ -79,6 +79,23 @@ _declare(
           choices=('error','skip')),
 )
 
+# %% ../nbs/00_config.ipynb #c1a55f1e
+_declare(  # classify: the ResNet-18 judge, trained on the real images (also the recipe of evaluate's classifiers)
+    Param('classifier_weights', 'str', 'none', "ResNet-18 initial weights: none (from scratch), imagenet (torchvision's, downloaded once) or a local .pth/.safetensors file", stage='classify'),
+    Param('classifier_image_size', 'int', None, "classifier input size in px (images are resized on the device); null: the images' own size (the paper: 224)", stage='classify', optional=True, min=16),
+    Param('classifier_stem', 'str', 'auto', "ResNet-18 stem: auto = 3x3 stride-1 conv below 64 px, else torchvision's; imagenet; small; full (small without the max-pool)", stage='classify', choices=('auto','imagenet','small','full')),
+    Param('classifier_epochs', 'int', 15, "training epochs; the epoch with the best validation macro AUC is kept", stage='classify', min=1),
+    Param('classifier_batch_size', 'int', 64, "training batch size", stage='classify', min=2),
+    Param('classifier_lr', 'float', 0.002, "peak learning rate of AdamW's one-cycle schedule", stage='classify', min=0),
+    Param('classifier_weight_decay', 'float', 0.05, "AdamW weight decay", stage='classify', min=0),
+    Param('classifier_label_smoothing', 'float', 0.1, "cross-entropy label smoothing", stage='classify', min=0, max=0.5),
+    Param('classifier_warmup', 'float', 0.25, "fraction of the training steps that warm the learning rate up", stage='classify', min=0.01, max=0.9),
+    Param('classifier_augment', 'bool', True, "random flips and 90-degree rotations of training images", stage='classify'),
+    Param('classifier_jitter', 'float', 0.1, "colour jitter strength (brightness/contrast/saturation x[1-j,1+j], hue +-j*pi/4); 0: none", stage='classify', min=0, max=0.5),
+    Param('classifier_tta', 'bool', False, "classify every image as the mean over its 8 flips/rotations (scores, self-check, evaluate): 8x the compute", stage='classify'),
+    Param('classifier_eval_batch_size', 'int', 256, "images per forward pass when classifying", stage='classify', min=1),
+)
+
 # %% ../nbs/00_config.ipynb #2d40d887
 _declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5 + LoRA) and how it is trained
     Param('base_model', 'str', 'tiny', "generator base: 'tiny' (SD architecture built from a config, trained here), a Hugging Face id or a local diffusers folder", stage='finetune'),
