@@ -1,6 +1,7 @@
 """The explorer panel, headless: build it on a small run directory, set widget values, press its buttons, and check
 the images, verdicts, galleries and comparisons it produces. The judge is a real classifier fitted here on the run's
-real images; the generator is the phantom drawing of the class asked for under noise that fades with the steps."""
+real images; the generator is the phantom drawing of the class asked for under noise that fades with the steps; the last
+(slow) test uses the run's own diffusers generator and ResNet judge, loaded from disk."""
 import io
 from pathlib import Path
 import numpy as np, pytest
@@ -185,22 +186,26 @@ def test_defaults_from_params_when_nothing_was_generated(tmp_path):
     assert v.accepted is False  # a judge that cannot tell: nothing passes the threshold
 
 @pytest.mark.slow
-def test_explorer_with_the_runs_own_generator(small_run, tmp_path):
-    "The default generator is the run's own diffusers pipeline (here a tiny one, untrained), loaded on first use."
+def test_explorer_with_the_runs_own_models(small_run, tmp_path):
+    "No injected functions: the run's generator (a tiny pipeline, untrained) and its classifier (one epoch), from disk."
     finetune = pytest.importorskip('medsynth.finetune')
+    classify = pytest.importorskip('medsynth.classify')
     from medsynth.config import write_json
     import shutil
-    src, classify_fn, _ = small_run
+    src, _, _ = small_run
     rd = tmp_path/'run'
     shutil.copytree(src, rd)
-    pipe = finetune.build_tiny_pipeline([c['caption'] for c in load_classes(rd)], resolution=SIZE)
-    pipe.save_pretrained(rd/'generator'/'pipeline')
+    finetune.build_tiny_pipeline([c['caption'] for c in load_classes(rd)], resolution=SIZE).save_pretrained(rd/'generator'/'pipeline')
     write_json(rd/'generator'/'generator.json', dict(method='full', base_model='tiny'))
-    e = Explorer(rd, classify_fn=classify_fn)
-    assert e._generate_fn is None                       # nothing loaded until the first image
-    e.w_class.value, e.w_seed.value, e.w_steps.value, e.w_next_seed.value = 4, 9, 5, False
+    x, y = load_split(rd, 'train')
+    model, _ = classify.fit_classifier(x, y, n_classes=9, epochs=1, device='cpu', progress=False)
+    classify.save_classifier(model, rd/'classifier')
+    e = Explorer(rd)
+    assert e._generate_fn is None and e._classify_fn is None      # loaded on the first image
+    e.w_class.value, e.w_seed.value, e.w_steps.value = 5, 2, 4
     e.w_generate.click()
     v = e.last
-    assert v.image.size == (SIZE, SIZE) and (e.w_progress.value, e.w_progress.max) == (5, 5)
-    assert v.pred == int(np.argmax(classify_fn([v.image])[0]))
-    assert np.array_equal(np.asarray(e.generate().image), np.asarray(v.image))  # same seed, same image
+    judge = classify.load_classifier(rd/'classifier', device='cpu')
+    p = classify.predict(judge, [v.image], device='cpu')['probs'][0]
+    assert v.image.size == (SIZE, SIZE) and v.pred == int(p.argmax()) and v.confidence == pytest.approx(float(p.max()), abs=1e-5)
+    assert e.names[v.pred] in e.w_verdict.value
