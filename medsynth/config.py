@@ -91,6 +91,7 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
     Param('classifier_label_smoothing', 'float', 0.1, "cross-entropy label smoothing", stage='classify', min=0, max=0.5),
     Param('classifier_warmup', 'float', 0.25, "fraction of the training steps that warm the learning rate up", stage='classify', min=0.01, max=0.9),
     Param('classifier_augment', 'bool', True, "random flips and 90-degree rotations of training images", stage='classify'),
+    Param('classifier_translate', 'float', 0.07, "random shifts of training images, up to this fraction of their size (borders reflected); 0: none", stage='classify', min=0, max=0.25),
     Param('classifier_jitter', 'float', 0.1, "colour jitter strength (brightness/contrast/saturation x[1-j,1+j], hue +-j*pi/4); 0: none", stage='classify', min=0, max=0.5),
     Param('classifier_tta', 'bool', False, "classify every image as the mean over its 8 flips/rotations (scores, self-check, evaluate): 8x the compute", stage='classify'),
     Param('classifier_eval_batch_size', 'int', 256, "images per forward pass when classifying", stage='classify', min=1),
@@ -151,7 +152,7 @@ _declare(  # generate: sampling the generator, round 0 of generated/
     Param('generate_size', 'int', None, "generated image side; null = the generator's training resolution", stage='generate', optional=True, min=8),
 )
 
-# %% ../nbs/00_config.ipynb #37e74b9f
+# %% ../nbs/00_config.ipynb #23bed9a3
 _declare(  # selfcheck: the judge accepts or rejects each generated image; rejected ones are regenerated
     Param('accept_threshold', 'float', 0.5, "an image is accepted when the judge predicts its class with at least this probability", stage='selfcheck', min=0, max=1),
     Param('target_per_class', 'int', None, "accepted images wanted per class; null: images_per_class (as many as round 0 makes)", stage='selfcheck', optional=True, min=1),
@@ -159,9 +160,9 @@ _declare(  # selfcheck: the judge accepts or rejects each generated image; rejec
     Param('max_candidates_per_class', 'int', None, "generation budget: candidates per class over all rounds, round 0 included; null: 3 x target_per_class", stage='selfcheck', optional=True, min=1),
 )
 
-# %% ../nbs/00_config.ipynb #dcf6c604
+# %% ../nbs/00_config.ipynb #f5efa6c5
 _declare(  # evaluate: scores, distances, train-on-synthetic and the report
-    Param('eval_epochs', 'int', 6, "epochs of each classifier trained for CAS and augmentation (real only, synthetic only, real + synthetic)", stage='evaluate', min=1),
+    Param('eval_epochs', 'int', 3, "training budget of each CAS / augmentation classifier (real only, synthetic only, real + synthetic): the steps of this many epochs over the real training images", stage='evaluate', min=1),
     Param('eval_real_per_class', 'int', None, "real training images per class for those classifiers and the distance reference (a cap for big datasets); null takes all", stage='evaluate', optional=True, min=1),
     Param('inception_weights', 'path', None, "a local Inception v3 weights file (FID's pt_inception-2015-12-05) for torchmetrics FID/KID; null skips them", stage='evaluate', optional=True),
     Param('kid_subset_size', 'int', 1000, "KID subset size; reduced to the smaller sample when that is smaller", stage='evaluate', min=2),

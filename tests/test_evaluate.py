@@ -57,10 +57,10 @@ def pathmnist_run(tmp_path_factory):
     P = load_params('params/pathmnist-cpu.yaml', run_dir=str(d/'base'))
     run_data(P)
     x, y = load_split(P.run_dir, 'train')
-    model, _ = classify.fit_classifier(x, y, n_classes=9, epochs=10)
+    model, _ = classify.fit_classifier(x, y, n_classes=9, epochs=10, progress=False, device='cpu')
     predict_fn = lambda im: classify.predict(model, im)
-    def fit_fn(xt, yt):
-        m, _ = classify.fit_classifier(xt, yt, n_classes=9, epochs=2)
+    def fit_fn(xt, yt, epochs):
+        m, _ = classify.fit_classifier(xt, yt, n_classes=9, epochs=epochs, progress=False, device='cpu')
         return lambda im: classify.predict(m, im)
     names = [c['name'] for c in load_classes(P.run_dir)]
     return d, P, predict_fn, fit_fn, names
@@ -81,7 +81,7 @@ def test_real_beats_wrong_class_and_noise(pathmnist_run):
         _write_round0(rd, x, asked, names)
         self_check(rd, names, generate_fn=None, classify_fn=lambda ims: predict_fn(ims)['probs'], accept_threshold=0.5,
                    target_per_class=1, max_rounds=0, max_candidates_per_class=100, verbose=False)
-        res[name] = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, kid_subsets=20, figures=name == 'real', verbose=False)
+        res[name] = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=1, kid_subsets=20, figures=name == 'real', verbose=False)
     f1 = {k: m['generated']['macro_f1'] for k, m in res.items()}
     judge_f1 = res['real']['real_test']['macro_f1']
     assert f1['real'] > 0.8 * judge_f1 and f1['real'] > 0.5, (f1, judge_f1)  # as good as the judge is on real images

@@ -1,0 +1,129 @@
+"The classifier stage: quality on real PathMNIST, chance on shuffled labels, exact reloads, the stage's files."
+import os, time, warnings
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from medsynth.config import load_params, read_json
+from medsynth.classify import (fit_classifier, fit_kwargs, predict, score, save_classifier, load_classifier, run_classify,
+                               shuffled_label_check, init_weights, Classifier)
+import medsynth.classify as mc
+
+NAMES = ['adipose', 'background', 'debris', 'lymphocytes', 'mucus', 'smooth muscle', 'normal colon mucosa',
+         'cancer-associated stroma', 'colorectal adenocarcinoma epithelium']
+
+
+def _npz(path):
+    d = np.load(path)
+    return {k: d[k] for k in d.files}
+
+
+def _busy() -> bool:
+    "Is this machine shared with more runnable work than it has cores (timings then say little)?"
+    return os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
+
+
+@pytest.mark.slow
+def test_pathmnist_accuracy(pathmnist_npz, tmp_path):
+    "ResNet-18 from scratch on pathmnist_mini (28 px, CPU) with the pathmnist-cpu profile: >= 0.75 test accuracy in < 3 min."
+    d = _npz(pathmnist_npz)
+    P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir=str(tmp_path/'run'), device='cpu')
+    busy = _busy()
+    model, hist = fit_classifier(d['train_images'], d['train_labels'], d['val_images'], d['val_labels'], n_classes=9,
+                                 classes=NAMES, epochs=P.classifier_epochs, progress=False, **fit_kwargs(P))
+    r = predict(model, d['test_images'])
+    s = score(d['test_labels'][:, 0], r['probs'], NAMES)
+    secs = model.meta['train_seconds']
+    print(f"pathmnist_mini: test accuracy {s['accuracy']:.3f}, macro AUC {s['macro_auc']:.3f}, macro F1 {s['macro_f1']:.3f}, "
+          f"best epoch {model.meta['best_epoch']}/{P.classifier_epochs}, {secs:.0f} s of training, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    assert s['n'] == 199
+    assert s['accuracy'] >= 0.75, s['accuracy']
+    assert s['macro_auc'] >= 0.95, s['macro_auc']
+    if busy or _busy(): warnings.warn(f"training took {secs:.0f} s on a machine busier than its cores: time not checked")
+    else: assert secs < 180, secs
+
+
+@pytest.mark.slow
+def test_pathmnist_shuffled_labels_score_chance(pathmnist_npz):
+    "The same recipe on randomly shuffled labels scores near chance on the real test images; true labels far above."
+    d = _npz(pathmnist_npz)
+    r = shuffled_label_check(d['train_images'], d['train_labels'][:, 0], d['test_images'], d['test_labels'][:, 0], n_classes=9,
+                             epochs=8, device='cpu')
+    print(r)
+    assert r['true']['accuracy'] > 0.55
+    assert r['shuffled']['accuracy'] < 0.25      # chance: 1/9; the largest class is 15% of the test images
+    assert abs(r['shuffled']['macro_auc'] - 0.5) < 0.1
+
+
+def test_phantom_shuffled_labels_score_chance():
+    from medsynth.data import phantom_dataset
+    xtr, ytr = phantom_dataset(15, size=32, seed=0)
+    xte, yte = phantom_dataset(10, size=32, seed=5)
+    r = shuffled_label_check(xtr, ytr, xte, yte, n_classes=9, epochs=5, batch_size=32, lr=3e-3, device='cpu')
+    assert r['true']['accuracy'] > 0.8
+    assert r['shuffled']['accuracy'] < 0.3 and abs(r['shuffled']['macro_auc'] - 0.5) < 0.15
+
+
+def test_reload_reproduces_predictions(tmp_path):
+    from medsynth.data import phantom_dataset
+    x, y = phantom_dataset(6, size=32, seed=0)
+    m, _ = fit_classifier(x, y, x[:18], y[:18], n_classes=9, epochs=2, batch_size=32, device='cpu', progress=False, classes=NAMES)
+    save_classifier(m, tmp_path/'clf')
+    m2 = load_classifier(tmp_path/'clf')
+    a, b = predict(m, x), predict(m2, x)
+    assert np.array_equal(a['probs'], b['probs']) and np.array_equal(a['features'], b['features'])
+    assert m2.meta['classes'] == NAMES and m2.meta['stem'] == 'small' and m2.meta['image_size'] == 32
+    # the weights are plain safetensors with torchvision's names: a torchvision ResNet-18 with the same stem loads them
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path/'clf'/'model.safetensors'))
+    net = mc.resnet18(9, stem='small'); net.load_state_dict(sd, strict=True)
+
+
+def test_predict_folder_streams_in_batches(tmp_path):
+    from PIL import Image
+    from medsynth.data import phantom_dataset
+    x, _ = phantom_dataset(5, size=32, seed=3)
+    for i, a in enumerate(x): Image.fromarray(a).save(tmp_path/f'{i:04d}.png')
+    m = Classifier(9, image_size=32).eval()
+    seen = []
+    orig = m.features
+    m.features = lambda t: (seen.append(len(t)), orig(t))[1]
+    r = predict(m, tmp_path, batch_size=8, progress=False)
+    assert seen == [8] * 5 + [5]     # 45 images, never more than one batch in memory
+    assert r['probs'].shape == (45, 9) and r['features'].shape == (45, 512) and len(r['files']) == 45
+    m.features = orig
+    np.testing.assert_allclose(r['probs'], predict(m, x)['probs'], atol=1e-6)
+
+
+def test_imagenet_offline_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'hub'))
+    monkeypatch.setattr(mc, '_IMAGENET_URL', 'http://127.0.0.1:9/resnet18-offline-test.pth')  # a closed port: no download
+    with pytest.raises(RuntimeError) as e: init_weights(Classifier(9), 'imagenet')
+    msg = str(e.value)
+    assert 'classifier_weights' in msg and 'none' in msg and 'resnet18-f37072fd.pth' in msg
+
+
+def test_run_classify_writes_the_stage_and_resumes(tmp_path):
+    from medsynth.data import run_data
+    P = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, classifier_epochs=2, device='cpu')
+    run_data(P)
+    m = run_classify(P)
+    out = tmp_path/'run'/'classifier'
+    for f in ('model.safetensors', 'classifier.json', 'metrics.json', 'history.csv', 'training_curves.png',
+              'confusion_test.png', 'confusion_val.png'):
+        assert (out/f).is_file(), f
+    assert not (out/'checkpoint.pt').exists()
+    for split in ('val', 'test'):
+        for k in ('accuracy', 'macro_auc', 'macro_f1', 'per_class_f1', 'per_class', 'confusion', 'confusion_normalized', 'n'):
+            assert k in m[split], (split, k)
+        assert set(m[split]['per_class_f1']) == set(NAMES)
+        assert np.asarray(m[split]['confusion']).sum() == m[split]['n']
+    assert read_json(out/'metrics.json') == m
+    assert len((out/'history.csv').read_text().splitlines()) == 1 + 2
+    stamp = (out/'model.safetensors').stat().st_mtime_ns
+    t0 = time.time(); assert run_classify(P) == m; assert time.time() - t0 < 5
+    assert (out/'model.safetensors').stat().st_mtime_ns == stamp            # kept, not retrained
+    P2 = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, classifier_epochs=1, device='cpu')
+    m2 = run_classify(P2)
+    assert m2['epochs'] == 1 and m2['params_hash'] != m['params_hash']    # other parameters: retrained
