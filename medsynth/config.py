@@ -84,7 +84,7 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
     Param('classifier_weights', 'str', 'none', "ResNet-18 initial weights: none (from scratch), imagenet (torchvision's, downloaded once) or a local .pth/.safetensors file", stage='classify'),
     Param('classifier_image_size', 'int', None, "classifier input size in px (images are resized on the device); null: the images' own size (the paper: 224)", stage='classify', optional=True, min=16),
     Param('classifier_stem', 'str', 'auto', "ResNet-18 stem: auto = 3x3 stride-1 conv below 64 px, else torchvision's; imagenet; small; full (small without the max-pool)", stage='classify', choices=('auto','imagenet','small','full')),
-    Param('classifier_epochs', 'int', 15, "training epochs; the epoch with the best validation macro AUC is kept", stage='classify', min=1),
+    Param('classifier_epochs', 'int', 6, "training epochs; the epoch with the best validation macro AUC is kept", stage='classify', min=1),
     Param('classifier_batch_size', 'int', 64, "training batch size", stage='classify', min=2),
     Param('classifier_lr', 'float', 0.002, "peak learning rate of AdamW's one-cycle schedule", stage='classify', min=0),
     Param('classifier_weight_decay', 'float', 0.05, "AdamW weight decay", stage='classify', min=0),
