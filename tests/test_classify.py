@@ -53,27 +53,27 @@ def test_pathmnist_shuffled_labels_score_chance(pathmnist_npz):
     print(r)
     assert r['true']['accuracy'] > 0.55
     assert r['shuffled']['accuracy'] < 0.25      # chance: 1/9; the largest class is 15% of the test images
-    assert abs(r['shuffled']['macro_auc'] - 0.5) < 0.1
+    assert r['shuffled']['macro_auc'] < 0.6         # chance: 0.5
 
 
 def test_phantom_shuffled_labels_score_chance():
     from medsynth.data import phantom_dataset
-    xtr, ytr = phantom_dataset(15, size=32, seed=0)
-    xte, yte = phantom_dataset(10, size=32, seed=5)
+    xtr, ytr = phantom_dataset(15, size=16, seed=0)
+    xte, yte = phantom_dataset(10, size=16, seed=5)
     r = shuffled_label_check(xtr, ytr, xte, yte, n_classes=9, epochs=5, batch_size=32, lr=3e-3, device='cpu')
     assert r['true']['accuracy'] > 0.8
-    assert r['shuffled']['accuracy'] < 0.3 and abs(r['shuffled']['macro_auc'] - 0.5) < 0.15
+    assert r['shuffled']['accuracy'] < 0.3 and r['shuffled']['macro_auc'] < 0.6
 
 
 def test_reload_reproduces_predictions(tmp_path):
     from medsynth.data import phantom_dataset
-    x, y = phantom_dataset(6, size=32, seed=0)
+    x, y = phantom_dataset(6, size=16, seed=0)
     m, _ = fit_classifier(x, y, x[:18], y[:18], n_classes=9, epochs=2, batch_size=32, device='cpu', progress=False, classes=NAMES)
     save_classifier(m, tmp_path/'clf')
     m2 = load_classifier(tmp_path/'clf')
     a, b = predict(m, x), predict(m2, x)
     assert np.array_equal(a['probs'], b['probs']) and np.array_equal(a['features'], b['features'])
-    assert m2.meta['classes'] == NAMES and m2.meta['stem'] == 'small' and m2.meta['image_size'] == 32
+    assert m2.meta['classes'] == NAMES and m2.meta['stem'] == 'small' and m2.meta['image_size'] == 16
     # the weights are plain safetensors with torchvision's names: a torchvision ResNet-18 with the same stem loads them
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path/'clf'/'model.safetensors'))
@@ -106,7 +106,7 @@ def test_imagenet_offline_error_says_what_to_do(tmp_path, monkeypatch):
 
 def test_run_classify_writes_the_stage_and_resumes(tmp_path):
     from medsynth.data import run_data
-    P = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, classifier_epochs=2, device='cpu')
+    P = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=2, device='cpu')
     run_data(P)
     m = run_classify(P)
     out = tmp_path/'run'/'classifier'
@@ -124,6 +124,6 @@ def test_run_classify_writes_the_stage_and_resumes(tmp_path):
     stamp = (out/'model.safetensors').stat().st_mtime_ns
     t0 = time.time(); assert run_classify(P) == m; assert time.time() - t0 < 5
     assert (out/'model.safetensors').stat().st_mtime_ns == stamp            # kept, not retrained
-    P2 = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, classifier_epochs=1, device='cpu')
+    P2 = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=1, device='cpu')
     m2 = run_classify(P2)
     assert m2['epochs'] == 1 and m2['params_hash'] != m['params_hash']    # other parameters: retrained
