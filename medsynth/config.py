@@ -153,7 +153,7 @@ _declare(  # generate: sampling the generator, round 0 of generated/
     Param('generate_size', 'int', None, "generated image side; null = the generator's training resolution", stage='generate', optional=True, min=8),
 )
 
-# %% ../nbs/00_config.ipynb #23bed9a3
+# %% ../nbs/00_config.ipynb #9c8b5fa2
 _declare(  # selfcheck: the judge accepts or rejects each generated image; rejected ones are regenerated
     Param('accept_threshold', 'float', 0.5, "an image is accepted when the judge predicts its class with at least this probability", stage='selfcheck', min=0, max=1),
     Param('target_per_class', 'int', None, "accepted images wanted per class; null: images_per_class (as many as round 0 makes)", stage='selfcheck', optional=True, min=1),
@@ -161,9 +161,9 @@ _declare(  # selfcheck: the judge accepts or rejects each generated image; rejec
     Param('max_candidates_per_class', 'int', None, "generation budget: candidates per class over all rounds, round 0 included; null: 3 x target_per_class", stage='selfcheck', optional=True, min=1),
 )
 
-# %% ../nbs/00_config.ipynb #f5efa6c5
+# %% ../nbs/00_config.ipynb #622b3f03
 _declare(  # evaluate: scores, distances, train-on-synthetic and the report
-    Param('eval_epochs', 'int', 3, "training budget of each CAS / augmentation classifier (real only, synthetic only, real + synthetic): the steps of this many epochs over the real training images", stage='evaluate', min=1),
+    Param('eval_epochs', 'int', 3, "training budget of each CAS / augmentation classifier (real only, synthetic only, real + synthetic): the optimisation steps of this many epochs over the real training images", stage='evaluate', min=1),
     Param('eval_real_per_class', 'int', None, "real training images per class for those classifiers and the distance reference (a cap for big datasets); null takes all", stage='evaluate', optional=True, min=1),
     Param('inception_weights', 'path', None, "a local Inception v3 weights file (FID's pt_inception-2015-12-05) for torchmetrics FID/KID; null skips them", stage='evaluate', optional=True),
     Param('kid_subset_size', 'int', 1000, "KID subset size; reduced to the smaller sample when that is smaller", stage='evaluate', min=2),
