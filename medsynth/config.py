@@ -131,6 +131,7 @@ _declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5
     Param('tiny_attention_head_dim', 'int', 8, "tiny base: channels per attention head", stage='finetune', min=1),
     Param('tiny_text_dim', 'int', 32, "tiny base: CLIP text encoder width (= cross-attention dim)", stage='finetune', min=8),
     Param('tiny_text_layers', 'int', 2, "tiny base: CLIP text encoder layers", stage='finetune', min=1),
+    Param('tiny_text_steps', 'int', 200, "tiny base: steps that train its text encoder to tell the captions apart before it is frozen (0: leave it random)", stage='finetune', min=0),
     Param('tiny_max_length', 'int', 32, "tiny base: tokens per caption (SD 1.5: 77)", stage='finetune', min=8),
     Param('tiny_prediction_type', 'str', 'epsilon', "tiny base: what the UNet predicts", stage='finetune', choices=('epsilon','v_prediction')),
     Param('checkpoint_every', 'int', 300, "save a resumable checkpoint every N steps (0: never)", stage='finetune', min=0),
