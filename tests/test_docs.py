@@ -92,8 +92,6 @@ def _flagged_cells_nbdev_runs(fn) -> list[str]:
     return bad
 
 
-@pytest.mark.xfail(reason="known defect, open: stage notebooks 01/03/04/05/06 still import inside #| notest cells, "
-                          "which Quarto's nbdev_docs would execute; move those imports into unflagged import cells", strict=False)
 def test_flagged_cells_never_run_by_nbdev_docs():
     """nbdev_docs runs every cell with an import in its show_doc kernel. A cell flagged notest/slow/gpu (a "Run the
     stage" cell) must not contain one, or publishing the docs would run the stage."""

@@ -260,7 +260,6 @@ def test_notebooks_follow_the_contract(name):
     if name in ('07_explore.ipynb', '08_pipeline.ipynb'): problems = [q for q in problems if 'parameters' not in q]
     colab = [q for q in problems if 'COLAB_CELL' in q]
     assert [q for q in problems if q not in colab] == []
-    if colab and name in STAGE_NOTEBOOKS.values(): pytest.xfail(f"{name}: the Colab install cell is not added yet")
     assert colab == []
 
 def test_colab_drive_not_mounted_is_a_clear_error(tmp_path, monkeypatch):
