@@ -16,11 +16,11 @@ from .config import (Params, ParamsError, load_params, read_json, write_json, wr
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'AUGMENTS', 'LORA_WEIGHTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline',
-           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'read_train_set', 'toy_run_dir',
-           'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'encode_captions',
-           'snr_weights', 'diffusion_loss', 'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint',
-           'save_checkpoint', 'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base',
-           'finetune_key', 'run_finetune', 'main', 'load_generator']
+           'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'read_train_set',
+           'toy_run_dir', 'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights',
+           'diffusion_loss', 'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint',
+           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'finetune_key', 'run_finetune',
+           'main', 'load_generator']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -141,6 +141,13 @@ def build_tiny_pipeline(captions:list[str],          # the class captions (the t
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 # %% ../nbs/03_finetune.ipynb #a6d38a2f
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions:list[str]) -> torch.Tensor:
+    "Text-encoder hidden states (K×L×D) of `captions`, padded to the tokenizer's max length as the pipeline does."
+    ids = tokenizer(captions, padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors='pt').input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float().cpu()
+
 def caption_similarity(tokenizer, text_encoder, captions:list[str]) -> torch.Tensor:
     "K×K cosine similarity of the captions' embeddings (all positions, flattened)."
     e = encode_captions(tokenizer, text_encoder, captions).flatten(1)
@@ -328,12 +335,6 @@ def encode_images(vae,                      # a frozen AutoencoderKL
     bar.close()
     return dict(mean=torch.stack(means), std=torch.stack(stds))
 
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions:list[str]) -> torch.Tensor:
-    "Text-encoder hidden states (K×L×D) of `captions`, padded to the tokenizer's max length as the pipeline does."
-    ids = tokenizer(captions, padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors='pt').input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float().cpu()
 
 # %% ../nbs/03_finetune.ipynb #ee14aca5
 def snr_weights(scheduler, timesteps:torch.Tensor, gamma:float|None) -> torch.Tensor|None:
