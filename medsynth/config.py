@@ -120,7 +120,7 @@ _declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5
     Param('caption_dropout', 'float', 0.1, "probability of training on the empty caption, for classifier-free guidance", stage='finetune', min=0, max=1),
     Param('cache_augment', 'str', 'dihedral', "symmetries whose latents are cached for augmentation: none, flip (2) or dihedral (8 flips/rotations)", stage='finetune',
           choices=('none','flip','dihedral')),
-    Param('vae_steps', 'int', 800, "tiny base: autoencoder training steps of its VAE", stage='finetune', min=0),
+    Param('vae_steps', 'int', 1600, "tiny base: autoencoder training steps of its VAE (thin structures such as adipose cell walls need ~1600 at 32 px)", stage='finetune', min=0),
     Param('vae_lr', 'float', 5.0e-3, "tiny base: VAE learning rate", stage='finetune', min=0),
     Param('vae_batch_size', 'int', 16, "tiny base: VAE training batch size", stage='finetune', min=1),
     Param('vae_crop', 'int', 16, "tiny base: train the (convolutional) VAE on random crops of this side, 4x cheaper at half the side; null: whole images", stage='finetune', optional=True, min=8),
@@ -307,10 +307,10 @@ def mount_drive(P:Params):
     os.environ.setdefault('HF_HOME', cache)
 
 # %% ../nbs/00_config.ipynb #311fdd06
-def resolve_device(name:str='auto'):
-    "A `torch.device`: `auto` picks cuda, then mps, then cpu; asking for one that is absent is an error."
+def resolve_device(name:str|None='auto'):
+    "A `torch.device`: `auto` (or None) picks cuda, then mps, then cpu; asking for one that is absent is an error."
     import torch
-    if name == 'auto':
+    if name is None or name == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
         if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
