@@ -5,7 +5,8 @@
 For the run's generated images before filtering (`generated/` + `rejected/`, as many per class as the first round
 made), for a random generator (uniform noise images, and real images of a randomly drawn wrong class) and for real
 training images (the ceiling), it prints the judge's accuracy and macro F1 against the prompted class and the
-Fréchet distance / KID / k-NN precision-recall on the judge's features against the real test images. Same judge,
+Fréchet distance (overall, and the mean of the per-class ones: only these see a wrong class) / KID / k-NN
+precision-recall on the judge's features against the real test images. Same judge,
 same sample sizes, same seed. The table is Markdown, for bench/RESULTS.md.
 """
 import argparse, json
@@ -54,13 +55,13 @@ def main():
     }
     ref = predict(judge, xte)
     print(f"run {run}: {n} generated images ({n // C} per class), judge scored against {len(yte)} real test images\n")
-    print("| images | judge accuracy | judge macro F1 | FD | KID | k-NN precision | k-NN recall |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| images | judge accuracy | judge macro F1 | FD | FD per class (mean) | KID | k-NN precision | k-NN recall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, (x, y) in sets.items():
         r = predict(judge, x)
         s = prompt_scores(y, r['probs'], names)
         d = distance_scores(ref['features'], yte, r['features'], y, names, seed=a.seed)
-        print(f"| {label} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | {d['fd']['value']:.1f} | {d['kid']['mean']:.3f} | "
+        print(f"| {label} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | {d['fd']['value']:.1f} | {d['fd']['class_mean']['value']:.1f} | {d['kid']['mean']:.3f} | "
               f"{d['precision_recall']['precision']:.3f} | {d['precision_recall']['recall']:.3f} |")
 
 if __name__ == '__main__': main()

@@ -101,7 +101,7 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
 _declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5 + LoRA) and how it is trained
     Param('base_model', 'str', 'tiny', "generator base: 'tiny' (SD architecture built from a config, trained here), a Hugging Face id or a local diffusers folder", stage='finetune'),
     Param('finetune_method', 'str', 'full', "train the whole UNet (full) or LoRA adapters on its attention (lora); a tiny base needs full", stage='finetune', choices=('full','lora')),
-    Param('resolution', 'int', None, "training image side in pixels (images are resized); null keeps the dataset's size", stage='finetune', optional=True, min=8),
+    Param('resolution', 'int', None, "training image side in pixels, a multiple of 8 (images are resized); null: the dataset's size rounded up to a multiple of 8", stage='finetune', optional=True, min=8),
     Param('lora_rank', 'int', 4, "LoRA rank r", stage='finetune', min=1),
     Param('lora_alpha', 'float', None, "LoRA alpha (the update is scaled by alpha/r); null = the rank", stage='finetune', optional=True, min=0),
     Param('lora_target_modules', 'list', ['to_q', 'to_k', 'to_v', 'to_out.0'], "UNet modules that get LoRA adapters", stage='finetune'),

@@ -19,8 +19,8 @@ __all__ = ['BOS', 'EOS', 'AUGMENTS', 'LORA_WEIGHTS', 'bytes_to_unicode', 'learn_
            'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'read_train_set',
            'toy_run_dir', 'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights',
            'diffusion_loss', 'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint',
-           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'finetune_key', 'run_finetune',
-           'main', 'load_generator']
+           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'train_resolution',
+           'finetune_key', 'run_finetune', 'main', 'load_generator']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -604,6 +604,15 @@ def load_base(base_model:str,          # a Hugging Face id or a local diffusers 
     return pipe.to(device) if device is not None else pipe
 
 # %% ../nbs/03_finetune.ipynb #011285a2
+def train_resolution(resolution:int|None,  # the `resolution` parameter
+                     image_size:int            # the training images' side
+                    ) -> int:
+    "The side the generator trains at: `resolution`, or the images' own size rounded up to a multiple of 8."
+    if resolution is None: return -(-image_size // 8) * 8
+    if resolution % 8: raise ParamsError(f"`resolution`: {resolution} is not a multiple of 8, which Stable Diffusion pipelines "
+                                         f"need; use {-(-resolution // 8) * 8} (or null: the images' size rounded up)")
+    return resolution
+
 _NOT_TRAINING = {'checkpoint_every', 'checkpoints_keep', 'validation_every', 'validation_images', 'report_to'}
 
 def finetune_key(P:Params) -> str:
@@ -701,8 +710,10 @@ def run_finetune(P:Params,                 # resolved parameters
     acc.wait_for_everyone()
     wdtype = torch_dtype(resolve_precision(P.precision, dev))
     x, y = load_split(run_dir, 'train'); classes = load_classes(run_dir)
-    if P.resolution and x.shape[1] != P.resolution:
-        x = np.stack([np.asarray(Image.fromarray(a).resize((P.resolution,)*2, Image.BICUBIC)) for a in x])
+    res = train_resolution(P.resolution, x.shape[1])
+    if x.shape[1] != res:
+        if P.resolution is None: print(f"finetune: images of {x.shape[1]} px trained at {res} px (diffusers' pipelines need multiples of 8)")
+        x = np.stack([np.asarray(Image.fromarray(a).resize((res,)*2, Image.BICUBIC)) for a in x])
     captions = [c['caption'] for c in classes]
     torch.manual_seed(P.seed)
     # 1. base
