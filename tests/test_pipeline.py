@@ -330,3 +330,11 @@ def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
     print(table)
     m = read_json(rd/'report'/'metrics.json')
     assert m['real_test']['n'] > 0 and 0 <= m['generated']['macro_f1'] <= 1
+
+@pytest.mark.parametrize('name', sorted(p.name for p in (ROOT/'nbs').glob('[0-9][0-9]_*.ipynb')))
+def test_every_chapter_has_its_open_in_colab_badge(name):
+    "Each chapter (and so its docs page) links to itself in Colab, right under its title."
+    from medsynth.pipeline import colab_badge
+    nb = nbformat.read(ROOT/'nbs'/name, as_version=4)
+    md = [c.source for c in nb.cells if c.cell_type == 'markdown']
+    assert md[0].lstrip().startswith('# ') and md[1].strip() == colab_badge(name)
