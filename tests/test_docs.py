@@ -335,3 +335,25 @@ def test_site_offline(built_site):
         assert r.urls, p.page
         ext = [u for u in r.urls if urlparse(u).scheme or u.startswith('//')]
         assert not ext, f"{p.page} loads {ext}"
+
+
+def test_cells_nbdev_docs_runs_hold_only_imports():
+    """nbdev_docs runs export cells, show_doc cells and every cell with an import, and nothing else: a cell that mixes
+    imports with code would run without the cells before it (and fail, or run a stage). Imports stand alone."""
+    import ast
+    from nbdev.process import NBProcessor
+    from nbdev.processors import _do_eval
+    from medsynth.docs import doc_notebooks
+    from medsynth.pipeline import COLAB_CELL
+    bad = []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for fn in doc_notebooks(ROOT/'nbs'):
+            for cell in NBProcessor(fn).nb.cells:
+                if cell.cell_type != 'code' or not _do_eval(cell) or COLAB_CELL in cell.source: continue
+                if set(cell.directives_) & {'export', 'exports', 'exporti', 'exec_doc'}: continue
+                body = ast.parse(cell.source).body
+                if any(isinstance(s, (ast.Import, ast.ImportFrom)) for s in ast.walk(ast.Module(body=body, type_ignores=[]))) and \
+                   not all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in body):
+                    bad.append(f"{fn.name} cell {cell.idx_}:\n{cell.source}")
+    assert not bad, "cells mixing imports and code (move the imports to a cell of their own):\n\n" + '\n\n'.join(bad)
