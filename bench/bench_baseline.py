@@ -13,19 +13,12 @@ import argparse, json
 from pathlib import Path
 import numpy as np
 
-def generated_before_filtering(run:Path):
-    "Images of the self-check's first round (what the generator makes before any rejection) and their prompted labels."
-    from PIL import Image
-    from medsynth.config import read_jsonl
-    ims, ys = [], []
-    for folder in ('generated', 'rejected'):
-        meta = run/folder/'metadata.jsonl'
-        if not meta.exists(): continue
-        for r in read_jsonl(meta):
-            if r.get('round', 0) == 0:
-                ims.append(np.asarray(Image.open(run/folder/r['file_name']).convert('RGB'))); ys.append(r['label'])
-    if not ims: raise SystemExit(f"{run}: no generated images (run the generate and selfcheck stages first)")
-    return np.stack(ims), np.array(ys)
+def generated_before_filtering(run:Path, size:int):
+    "The self-check's first round (what the generator makes before any rejection), at `size` px, and the prompted labels."
+    from medsynth.data import read_images
+    from medsynth.selfcheck import load_candidates, candidate_path
+    rows = [r for r in load_candidates(run) if r['round'] == 0]
+    return read_images([candidate_path(run, r) for r in rows], size=size), np.array([r['label'] for r in rows])
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -39,7 +32,7 @@ def main():
     names = [c['name'] for c in load_classes(run)]
     judge = load_classifier(run/'classifier')
     xte, yte = load_split(run, 'test'); xtr, ytr = load_split(run, 'train')
-    xg, yg = generated_before_filtering(run)
+    xg, yg = generated_before_filtering(run, xte.shape[1])   # as the report reads them
     rng = np.random.default_rng(a.seed)
     n, C = len(yg), len(names)
     # real training images, as many per class as were generated (the ceiling)
