@@ -8,6 +8,8 @@
 
     python bench/bench_finetune_generate.py            # the tiny pipeline of the CPU demo (32 px)
     python bench/bench_finetune_generate.py --sd15     # SD-1.5-shaped random weights at 224 px (a GPU)
+    python bench/bench_finetune_generate.py --sd15 --device cpu --batch 1 --steps 4 --images 2 \
+        --sampler_steps 2 --per-class 1                # the same shapes on a CPU (about 4 minutes on 2 cores)
 
 The last two lines are `finetune speedup: N.NN` and `generate speedup: N.NN`.
 """
@@ -23,6 +25,7 @@ def parse():
     ap.add_argument('--steps', type=int, default=None, help="timed fine-tuning steps per way")
     ap.add_argument('--batch', type=int, default=None, help="fine-tuning batch size")
     ap.add_argument('--images', type=int, default=None, help="images generated per way")
+    ap.add_argument('--per-class', type=int, default=None, help="training images per class (each cached under 8 symmetries)")
     ap.add_argument('--sampler_steps', type=int, default=20)
     ap.add_argument('--device', default='auto')
     ap.add_argument('--bf16', action='store_true', help="bf16 weights for the frozen parts and autocast (GPU)")
@@ -43,7 +46,7 @@ def main():
     steps = a.steps or (20 if a.sd15 else 30)
     bs = a.batch or (8 if a.sd15 else 32)
     n_img = a.images or (16 if a.sd15 else 36)
-    x, y = phantom_dataset(8 if a.sd15 else 24, size=res, seed=0)
+    x, y = phantom_dataset(a.per_class or (8 if a.sd15 else 24), size=res, seed=0)
     names = ['adipose', 'background', 'debris', 'lymphocytes', 'mucus', 'smooth muscle', 'normal colon mucosa',
              'cancer-associated stroma', 'colorectal adenocarcinoma epithelium']
     caps = [f"an H&E stained histopathology image of {n}" for n in names]
