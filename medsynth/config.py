@@ -101,7 +101,7 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
 _declare(  # finetune: the generator (a tiny SD pipeline trained here, or SD 1.5 + LoRA) and how it is trained
     Param('base_model', 'str', 'tiny', "generator base: 'tiny' (SD architecture built from a config, trained here), a Hugging Face id or a local diffusers folder", stage='finetune'),
     Param('finetune_method', 'str', 'full', "train the whole UNet (full) or LoRA adapters on its attention (lora); a tiny base needs full", stage='finetune', choices=('full','lora')),
-    Param('resolution', 'int', None, "training image side in pixels, a multiple of 8 (images are resized); null: the dataset's size rounded up to a multiple of 8", stage='finetune', optional=True, min=8),
+    Param('resolution', 'int', None, "training image side in pixels, a multiple of 8 (images are resized); null: the dataset's own size, reflect-padded up to a multiple of 8 (generated images are cropped back)", stage='finetune', optional=True, min=8),
     Param('lora_rank', 'int', 4, "LoRA rank r", stage='finetune', min=1),
     Param('lora_alpha', 'float', None, "LoRA alpha (the update is scaled by alpha/r); null = the rank", stage='finetune', optional=True, min=0),
     Param('lora_target_modules', 'list', ['to_q', 'to_k', 'to_v', 'to_out.0'], "UNet modules that get LoRA adapters", stage='finetune'),
@@ -151,7 +151,7 @@ _declare(  # generate: sampling the generator, round 0 of generated/
     Param('negative_prompt', 'str', '', "caption to steer away from ('' = unconditional)", stage='generate'),
     Param('images_per_class', 'int', 20, "images generated per class in round 0", stage='generate', min=1),
     Param('generate_batch_size', 'int', 64, "images per pipeline call", stage='generate', min=1),
-    Param('generate_size', 'int', None, "generated image side; null = the generator's training resolution", stage='generate', optional=True, min=8),
+    Param('generate_size', 'int', None, "generated image side; null = the generator's own (the dataset's side when it trained on padded images)", stage='generate', optional=True, min=8),
 )
 
 # %% ../nbs/00_config.ipynb #9c8b5fa2

@@ -19,7 +19,7 @@ __all__ = ['BOS', 'EOS', 'AUGMENTS', 'LORA_WEIGHTS', 'bytes_to_unicode', 'learn_
            'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'read_train_set',
            'toy_run_dir', 'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights',
            'diffusion_loss', 'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint',
-           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'train_resolution',
+           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'train_resolution', 'fit_images',
            'finetune_key', 'run_finetune', 'main', 'load_generator']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
@@ -613,6 +613,19 @@ def train_resolution(resolution:int|None,  # the `resolution` parameter
                                          f"need; use {-(-resolution // 8) * 8} (or null: the images' size rounded up)")
     return resolution
 
+def fit_images(x:np.ndarray,              # uint8 N×S×S×3 training images
+               resolution:int|None        # the `resolution` parameter
+              ) -> tuple[np.ndarray, int|None]:
+    """The images at the generator's training side, and the side to crop its outputs back to (None: no crop).
+    With `resolution` null, a side that is not a multiple of 8 is reflect-padded up to one, and generated images are
+    cropped back: no resampling either way (resizing 28 → 32 → 28 blurs PathMNIST enough to fool the judge)."""
+    s = x.shape[1]; res = train_resolution(resolution, s)
+    if res == s: return x, None
+    if resolution is None:
+        a, b = (res - s) // 2, res - s - (res - s) // 2
+        return np.pad(x, ((0, 0), (a, b), (a, b), (0, 0)), mode='reflect'), s
+    return np.stack([np.asarray(Image.fromarray(a).resize((res,)*2, Image.BICUBIC)) for a in x]), None
+
 _NOT_TRAINING = {'checkpoint_every', 'checkpoints_keep', 'validation_every', 'validation_images', 'report_to'}
 
 def finetune_key(P:Params) -> str:
@@ -710,10 +723,9 @@ def run_finetune(P:Params,                 # resolved parameters
     acc.wait_for_everyone()
     wdtype = torch_dtype(resolve_precision(P.precision, dev))
     x, y = load_split(run_dir, 'train'); classes = load_classes(run_dir)
-    res = train_resolution(P.resolution, x.shape[1])
-    if x.shape[1] != res:
-        if P.resolution is None: print(f"finetune: images of {x.shape[1]} px trained at {res} px (diffusers' pipelines need multiples of 8)")
-        x = np.stack([np.asarray(Image.fromarray(a).resize((res,)*2, Image.BICUBIC)) for a in x])
+    x, crop = fit_images(x, P.resolution)
+    if crop: print(f"finetune: images of {crop} px reflect-padded to {x.shape[1]} px (diffusers' pipelines need multiples of 8); "
+                   f"generated images are cropped back to {crop} px")
     captions = [c['caption'] for c in classes]
     torch.manual_seed(P.seed)
     # 1. base
@@ -775,7 +787,7 @@ def run_finetune(P:Params,                 # resolved parameters
         _write_log_csv(r['log'], gdir/'train_log.csv')
         _plot_losses(r['log'], base_info.get('vae_loss'), gdir/'loss.png')
         info = dict(key=key, method=P.finetune_method, base_model=P.base_model, steps=P.train_steps,
-                    resolution=int(x.shape[1]), checkpoint=f'step-{P.train_steps}', final_loss=r['log'][-1]['loss'] if r['log'] else None,
+                    resolution=int(x.shape[1]), crop=crop, checkpoint=f'step-{P.train_steps}', final_loss=r['log'][-1]['loss'] if r['log'] else None,
                     resumed_from=r['resumed_from'], num_processes=acc.num_processes,
                     seconds=dict(vae=base_info.get('vae_seconds'), cache=cache.get('seconds'), unet=unet_seconds),
                     files=dict(pipeline='pipeline' if P.finetune_method == 'full' else None,

@@ -47,7 +47,7 @@ def generate_images(pipe,                        # a StableDiffusionPipeline (lo
                     *, steps:int=20,             # sampler steps
                     guidance_scale:float=3.0,    # classifier-free guidance (1: off)
                     negative_prompt:str|None=None, # caption to steer away from ('' or None: unconditional)
-                    size:int|None=None,          # image side; None: the generator's training resolution
+                    size:int|None=None,          # image side; None: the generator's own (its training side, cropped back to the data's side when it trained on padded images)
                     batch_size:int=32,           # images per pipeline call
                     scheduler:str='dpmsolver++', # a key of SCHEDULERS
                     output:str='pil',            # 'pil': list of PIL images; 'np': uint8 N×H×W×3 array
@@ -56,6 +56,7 @@ def generate_images(pipe,                        # a StableDiffusionPipeline (lo
     if len(prompts) != len(seeds): raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
+    crop = None if size else getattr(pipe, 'medsynth', {}).get('crop')   # load_generator sets pipe.medsynth
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     gen_device = 'cpu' if pipe.device.type == 'mps' else pipe.device
     out = []
@@ -67,6 +68,7 @@ def generate_images(pipe,                        # a StableDiffusionPipeline (lo
                    width=size, generator=gens, output_type='np').images
         out.append((np.clip(ims, 0, 1) * 255).round().astype(np.uint8))
     arr = np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    if crop: a = (size - crop) // 2; arr = np.ascontiguousarray(arr[:, a:a+crop, a:a+crop])
     return arr if output == 'np' else [Image.fromarray(a) for a in arr]
 
 # %% ../nbs/04_generate.ipynb #a93d8ff2
