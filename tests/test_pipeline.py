@@ -329,7 +329,9 @@ def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
     t, table = _run_profile('pathmnist-cpu.yaml', rd, timeout=2400)
     print(table)
     m = read_json(rd/'report'/'metrics.json')
-    assert m['real_test']['n'] > 0 and 0 <= m['generated']['macro_f1'] <= 1
+    assert m['real_test']['n'] > 0 and m['real_test']['accuracy'] >= 0.75, m['real_test']
+    # 0.77 on 2026-12-02 (random generators: 0.01-0.02; resizing 28 -> 32 -> 28 or 600 UNet steps: 0.41-0.43)
+    assert m['generated']['macro_f1'] >= 0.5, m['generated']
 
 @pytest.mark.parametrize('name', sorted(p.name for p in (ROOT/'nbs').glob('[0-9][0-9]_*.ipynb')))
 def test_every_chapter_has_its_open_in_colab_badge(name):
