@@ -12,8 +12,8 @@ from .config import Params, load_params, read_json, write_json, write_text, read
 # %% auto #0
 __all__ = ['frechet_distance', 'kid', 'precision_recall', 'distance_scores', 'prompt_scores', 'plot_prf', 'plot_confusion',
            'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'headline_rows',
-           'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score', 'evaluate_run',
-           'run_evaluate']
+           'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score', 'mean_sd',
+           'paired_delta', 'evaluate_run', 'run_evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #d24ea7ab
 def _features(x, name:str='features') -> np.ndarray:
@@ -278,16 +278,16 @@ def plot_distances(dist:dict,             # `distances` block of metrics.json
     fig.tight_layout()
     return fig
 
-def plot_training_scores(rows:dict):   # label -> {accuracy, macro_f1, n_train}
-    "Accuracy and macro F1 on the real test set of classifiers trained on different sets."
+def plot_training_scores(rows:dict):   # label -> {accuracy, macro_f1, n_train[, accuracy_sd, macro_f1_sd]}
+    "Accuracy and macro F1 on the real test set of classifiers trained on different sets (error bars: sd over seeds)."
     import matplotlib.pyplot as plt
     labels = list(rows)
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 3.6))
     for i, (key, lab) in enumerate([('accuracy', 'accuracy'), ('macro_f1', 'macro F1')]):
-        v = [rows[l].get(key) or 0 for l in labels]
-        ax.bar(x + (i - 0.5) * 0.38, v, 0.38, label=lab)
-        for xi, vi in zip(x, v): ax.text(xi + (i - 0.5) * 0.38, vi + 0.02, f"{vi:.2f}", ha='center', fontsize=7)
+        v, sd = [rows[l].get(key) or 0 for l in labels], [rows[l].get(f'{key}_sd') or 0 for l in labels]
+        ax.bar(x + (i - 0.5) * 0.38, v, 0.38, label=lab, yerr=sd, capsize=3)
+        for xi, vi, si in zip(x, v, sd): ax.text(xi + (i - 0.5) * 0.38, vi + si + 0.02, f"{vi:.2f}", ha='center', fontsize=7)
     ax.set_xticks(x, [f"{l}\n(n_train={rows[l].get('n_train', '?')})" for l in labels], fontsize=8)
     ax.set_ylim(0, 1.12); ax.legend(fontsize=8, ncol=2, loc='upper left')
     ax.set_title(f"tested on the real test set (n={next(iter(rows.values())).get('n')})", fontsize=10)
@@ -306,9 +306,15 @@ def _table(header:list[str], rows:list[list]) -> str:
     trs = ''.join('<tr>' + ''.join(f"<td>{c if isinstance(c, str) else _fmt(c)}</td>" for c in r) + '</tr>' for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
+def _pm(v, sd) -> float|str:
+    "A value, or 'value ± sd' when there is a spread."
+    return v if sd is None or v is None else f"{_fmt(v)} ± {_fmt(sd)}"
+
 def headline_rows(m:dict) -> list[list]:
     "The headline numbers of `metrics.json` as (measure, value, n, meaning) rows."
     g = lambda *ks: _dig(m, ks)
+    seeds = len(g('cas', 'seeds') or [])
+    over = f"; mean ± sd over {seeds} seeds" if seeds > 1 else ''
     kid_v = g('distances', 'kid', 'mean')
     return [
         ['judge on the real test set: accuracy', g('real_test', 'accuracy'), g('real_test', 'n'), 'how far the judge can be trusted'],
@@ -317,9 +323,11 @@ def headline_rows(m:dict) -> list[list]:
         ['generated, before filtering: accuracy', g('generated', 'accuracy'), g('generated', 'n'), ''],
         ['self-check: acceptance rate', g('selfcheck', 'acceptance_rate'), g('selfcheck', 'n'), f"accepted {_fmt(g('selfcheck', 'n_accepted'))} in {_fmt(g('selfcheck', 'rounds_used'))} regeneration round(s)"],
         ['self-check: candidates per accepted image', g('selfcheck', 'candidates_per_accepted'), g('selfcheck', 'n'), ''],
-        ['CAS: accuracy (trained on accepted synthetic only)', g('cas', 'accuracy'), g('cas', 'n'), f"n_train={_fmt(g('cas', 'n_train'))}; real-trained, same recipe: {_fmt(g('cas', 'real_same_recipe', 'accuracy'))}"],
-        ['augmentation: accuracy delta', g('augmentation', 'accuracy_delta'), g('augmentation', 'n'), f"real+synthetic − real only ({_fmt(g('augmentation', 'n_synthetic'))} synthetic)"],
-        ['augmentation: macro F1 delta', g('augmentation', 'macro_f1_delta'), g('augmentation', 'n'), ''],
+        ['CAS: accuracy (trained on accepted synthetic only)', _pm(g('cas', 'accuracy'), g('cas', 'accuracy_sd')), g('cas', 'n'),
+         f"n_train={_fmt(g('cas', 'n_train'))}; real-trained, same recipe: {_fmt(_pm(g('cas', 'real_same_recipe', 'accuracy'), g('cas', 'real_same_recipe', 'accuracy_sd')))}{over}"],
+        ['augmentation: accuracy delta', _pm(g('augmentation', 'accuracy_delta'), g('augmentation', 'accuracy_delta_sd')), g('augmentation', 'n'),
+         f"real+synthetic − real only ({_fmt(g('augmentation', 'n_synthetic'))} synthetic){over.replace('mean', 'paired differences: mean')}"],
+        ['augmentation: macro F1 delta', _pm(g('augmentation', 'macro_f1_delta'), g('augmentation', 'macro_f1_delta_sd')), g('augmentation', 'n'), ''],
         ['Fréchet distance (judge features)', g('distances', 'fd', 'value'), g('distances', 'fd', 'n'), f"vs n_real={_fmt(g('distances', 'fd', 'n_real'))}; real reference {_fmt(g('distances', 'reference', 'fd', 'value'))}"],
         ['Fréchet distance, mean over classes', g('distances', 'fd', 'class_mean', 'value'), g('distances', 'fd', 'n'),
          f"class-conditional: each class's images against the real ones of that class; real reference {_fmt(g('distances', 'reference', 'fd', 'class_mean', 'value'))}"],
@@ -420,17 +428,33 @@ def inception_scores(real:np.ndarray, fake:np.ndarray,  # uint8 (N, H, W, 3) ima
 def train_and_score(x, y,                      # training images uint8 (N, H, W, 3) and labels
                     x_test, y_test,            # the real test set
                     class_names:list[str],
-                    *, fit_fn,                 # (x, y, epochs) -> predict_fn, a freshly trained classifier
+                    *, fit_fn,                 # (x, y, epochs, seed=) -> predict_fn, a freshly trained classifier
                     steps:int,                 # the training budget in optimisation steps
-                    batch_size:int=64) -> dict: # images per step (the recipe's)
-    "Train a fresh classifier on (x, y) for about `steps` steps; its scores on the real test set, with the sizes."
+                    batch_size:int=64,         # images per step (the recipe's)
+                    seeds=(0,)) -> dict:       # one training per seed
+    "Train a fresh classifier on (x, y) for about `steps` steps, once per seed; its mean scores on the real test set, with the sizes."
     per_epoch = max(1, math.ceil(len(x) / batch_size))
     epochs = max(1, round(steps / per_epoch))
     n_train = dict(n=int(len(y_test)), n_train=int(len(x)), n_train_per_class={n: int((np.asarray(y) == c).sum()) for c, n in enumerate(class_names)},
                    epochs=epochs, steps=epochs * per_epoch)
-    if len(x) < 2: return dict(accuracy=None, macro_f1=None, **n_train, note=f'{len(x)} training image(s): nothing to train on')
-    s = prompt_scores(y_test, fit_fn(x, y, epochs)(x_test)['probs'], class_names)
-    return dict(accuracy=s['accuracy'], macro_f1=s['macro_f1'], macro_auc=s.get('macro_auc'), per_class_f1=s['per_class_f1'], **n_train)
+    n_train['seeds'] = [int(s) for s in seeds]
+    if len(x) < 2: return dict(accuracy=None, macro_f1=None, runs=[], **n_train, note=f'{len(x)} training image(s): nothing to train on')
+    runs = [prompt_scores(y_test, fit_fn(x, y, epochs, seed=s)(x_test)['probs'], class_names) for s in seeds]
+    out = {k: mean_sd([r.get(k) for r in runs])[0] for k in ('accuracy', 'macro_f1', 'macro_auc')}
+    out['per_class_f1'] = {n: mean_sd([r['per_class_f1'][n] for r in runs])[0] for n in class_names}
+    if len(runs) > 1: out.update({f'{k}_sd': mean_sd([r[k] for r in runs])[1] for k in ('accuracy', 'macro_f1')})
+    return dict(**out, **n_train, runs=[dict(seed=int(s), accuracy=r['accuracy'], macro_f1=r['macro_f1']) for s, r in zip(seeds, runs)])
+
+def mean_sd(values:list) -> tuple:
+    "Mean and sample standard deviation of the values that are not None (None where there are none; sd None below two)."
+    v = np.array([x for x in values if x is not None], float)
+    return (float(v.mean()) if len(v) else None, float(v.std(ddof=1)) if len(v) > 1 else None)
+
+def paired_delta(a:dict, b:dict,    # `train_and_score` results trained with the same seeds
+                 key:str) -> tuple:  # accuracy | macro_f1
+    "Mean and sd of `a`'s minus `b`'s score over the runs of the same seed (None where either has no run)."
+    sb = {r['seed']: r[key] for r in b.get('runs', [])}
+    return mean_sd([r[key] - sb[r['seed']] for r in a.get('runs', []) if r['seed'] in sb and None not in (r[key], sb[r['seed']])])
 
 # %% ../nbs/06_evaluate.ipynb #27af5dc5
 def _reference_sample(labels, counts:dict, seed:int=0) -> np.ndarray:
@@ -481,8 +505,9 @@ def _markdown_report(metrics:dict, class_names:list[str], figures:list[tuple[str
 
 def evaluate_run(run_dir:str|Path,           # a run directory with data/, generated/ (and selfcheck/)
                  *, predict_fn,              # the judge: uint8 images (N, H, W, 3) -> {probs: (N, C), features: (N, D)}
-                 fit_fn,                     # (x, y, epochs) -> predict_fn of a freshly trained classifier (the CAS recipe)
+                 fit_fn,                     # (x, y, epochs, seed=) -> predict_fn of a freshly trained classifier (the CAS recipe)
                  eval_epochs:int=6,          # the budget of each: as many steps as this many epochs over the real training set
+                 eval_repeats:int=1,         # trainings of each, with seeds seed, seed + 1, …
                  batch_size:int=64,          # images per step of fit_fn (to count steps)
                  kid_subset_size:int=1000, kid_subsets:int=100, prdc_k:int=5,
                  grid_per_class:int=6, rejected_shown:int=24,
@@ -530,16 +555,19 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
 
     x_acc, y_acc = x_u[ia], y_u[ia]
     say(f"training three classifiers ({recipe or 'one recipe'}): real only ({len(x_tr)}), synthetic only ({len(x_acc)}), real + synthetic")
-    budget = dict(fit_fn=fit_fn, batch_size=batch_size, steps=eval_epochs * max(1, math.ceil(len(x_tr) / batch_size)))
+    budget = dict(fit_fn=fit_fn, batch_size=batch_size, steps=eval_epochs * max(1, math.ceil(len(x_tr) / batch_size)),
+                  seeds=[seed + i for i in range(eval_repeats)])
     real_only = train_and_score(x_tr, y_tr, x_te, y_te, names, **budget)
     cas = train_and_score(x_acc, y_acc, x_te, y_te, names, **budget)
     mixed = train_and_score(np.concatenate([x_tr, x_acc]), np.concatenate([y_tr, y_acc]), x_te, y_te, names, **budget)
-    delta = lambda k: None if real_only[k] is None or mixed[k] is None else mixed[k] - real_only[k]
     cas_block = {**cas, 'real_same_recipe': real_only,
                  'judge': dict(accuracy=real_test['accuracy'], macro_f1=real_test['macro_f1'], n=real_test['n'], n_train=int(len(x_tr)))}
     cas_block['recipe'] = recipe
-    aug_block = dict(accuracy_delta=delta('accuracy'), macro_f1_delta=delta('macro_f1'), real_only=real_only, real_plus_synthetic=mixed,
-                     n=real_only['n'], n_real_train=int(len(x_tr)), n_synthetic=int(len(x_acc)), recipe=recipe)
+    aug_block = dict(n=real_only['n'], n_real_train=int(len(x_tr)), n_synthetic=int(len(x_acc)), recipe=recipe)
+    for k in ('accuracy', 'macro_f1'):
+        aug_block[f'{k}_delta'], sd = paired_delta(mixed, real_only, k)
+        if eval_repeats > 1: aug_block[f'{k}_delta_sd'] = sd
+    aug_block.update(real_only=real_only, real_plus_synthetic=mixed)
     if len(x_acc) == 0: notes.append('no accepted synthetic image: CAS and augmentation have nothing to train on')
     lap('train on synthetic')
 
@@ -571,7 +599,8 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     plan += [('train_on_synthetic.png', lambda: plot_training_scores({'judge (full recipe)': cas_block['judge'], 'real only': real_only,
                                                                       'synthetic only (CAS)': cas, 'real + synthetic': mixed}),
               f"Classifiers tested on the real test set (n={real_only['n']}); the last three share one recipe ({recipe or 'fit_fn'}) "
-              f"and one budget (about {budget['steps']} optimisation steps of {batch_size} images)."),
+              f"and one budget (about {budget['steps']} optimisation steps of {batch_size} images)"
+              f"{f'; bars: mean ± sd over {eval_repeats} seeds' if eval_repeats > 1 else ''}."),
              ('distances.png', lambda: plot_distances(dist, names),
               "Per-class distances to the real test images on the judge's features: accepted set, every round-0 candidate, and real training images (the reference a perfect generator would score at these sample sizes).")]
     shown = accepted if accepted else before
@@ -614,10 +643,10 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
     names = [c['name'] for c in load_classes(rd)]
     judge_model = load_classifier(rd/'classifier', device=kw['device'])
     predict_fn = lambda x: predict(judge_model, x, batch_size=kw['eval_batch_size'], device=kw['device'])
-    def fit_fn(x, y, epochs):
-        model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **kw)
+    def fit_fn(x, y, epochs, seed):
+        model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **{**kw, 'seed': seed})
         return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'])
-    metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, batch_size=kw['batch_size'],
+    metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,
                            prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class,
                            inception_weights=P.inception_weights, report_format=P.report_format, seed=P.seed, device=kw['device'],

@@ -60,7 +60,7 @@ def pathmnist_run(tmp_path_factory):
     x, y = load_split(P.run_dir, 'train')
     model, _ = classify.fit_classifier(x, y, n_classes=9, epochs=4, progress=False, device='cpu')
     predict_fn = lambda im: classify.predict(model, im, device='cpu')
-    def fit_fn(xt, yt, epochs):
+    def fit_fn(xt, yt, epochs, seed=0):
         "A fresh nearest-centroid classifier on the judge's features (cheap: these tests are about the measures)."
         f, yt = predict_fn(xt)['features'], np.asarray(yt)
         cents = np.stack([f[yt == c].mean(0) if (yt == c).any() else np.full(f.shape[1], np.inf) for c in range(9)])
