@@ -12,8 +12,8 @@ from .config import Params, load_params, read_json, write_json, write_text, read
 # %% auto #0
 __all__ = ['frechet_distance', 'kid', 'precision_recall', 'distance_scores', 'prompt_scores', 'plot_prf', 'plot_confusion',
            'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'headline_rows',
-           'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score', 'mean_sd',
-           'paired_delta', 'evaluate_run', 'run_evaluate']
+           'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score', 'budget_note',
+           'mean_sd', 'paired_delta', 'evaluate_run', 'run_evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #d24ea7ab
 def _features(x, name:str='features') -> np.ndarray:
@@ -445,6 +445,15 @@ def train_and_score(x, y,                      # training images uint8 (N, H, W,
     if len(runs) > 1: out.update({f'{k}_sd': mean_sd([r[k] for r in runs])[1] for k in ('accuracy', 'macro_f1')})
     return dict(**out, **n_train, runs=[dict(seed=int(s), accuracy=r['accuracy'], macro_f1=r['macro_f1']) for s, r in zip(seeds, runs)])
 
+def budget_note(real_only:dict,         # `train_and_score` on the real training images
+                judge:dict,             # the judge's scores on the real test set
+                gap:float=0.15) -> str|None:
+    "A warning when the CAS recipe's real-only classifier falls far below the judge: its budget is too small to compare with."
+    a, j = real_only.get('accuracy'), judge.get('accuracy')
+    if a is None or j is None or a >= j - gap: return None
+    return (f"the CAS / augmentation classifiers look undertrained: the real-only one reaches accuracy {a:.3f} against the "
+            f"judge's {j:.3f}, so their differences may be training noise; raise eval_epochs (now {real_only.get('epochs')} epochs' budget)")
+
 def mean_sd(values:list) -> tuple:
     "Mean and sample standard deviation of the values that are not None (None where there are none; sd None below two)."
     v = np.array([x for x in values if x is not None], float)
@@ -569,6 +578,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
         if eval_repeats > 1: aug_block[f'{k}_delta_sd'] = sd
     aug_block.update(real_only=real_only, real_plus_synthetic=mixed)
     if len(x_acc) == 0: notes.append('no accepted synthetic image: CAS and augmentation have nothing to train on')
+    if budget_note(real_only, real_test): notes.append(budget_note(real_only, real_test))
     lap('train on synthetic')
 
     dkw = dict(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, k=prdc_k, seed=seed)
