@@ -314,7 +314,7 @@ def headline_rows(m:dict) -> list[list]:
     "The headline numbers of `metrics.json` as (measure, value, n, meaning) rows."
     g = lambda *ks: _dig(m, ks)
     seeds = len(g('cas', 'seeds') or [])
-    over = f"; mean ± sd over {seeds} seeds" if seeds > 1 else ''
+    over, paired = (f"; mean ± sd over {seeds} seeds", f"; paired differences: mean ± sd over {seeds} seeds") if seeds > 1 else ('', '')
     kid_v = g('distances', 'kid', 'mean')
     return [
         ['judge on the real test set: accuracy', g('real_test', 'accuracy'), g('real_test', 'n'), 'how far the judge can be trusted'],
@@ -326,7 +326,7 @@ def headline_rows(m:dict) -> list[list]:
         ['CAS: accuracy (trained on accepted synthetic only)', _pm(g('cas', 'accuracy'), g('cas', 'accuracy_sd')), g('cas', 'n'),
          f"n_train={_fmt(g('cas', 'n_train'))}; real-trained, same recipe: {_fmt(_pm(g('cas', 'real_same_recipe', 'accuracy'), g('cas', 'real_same_recipe', 'accuracy_sd')))}{over}"],
         ['augmentation: accuracy delta', _pm(g('augmentation', 'accuracy_delta'), g('augmentation', 'accuracy_delta_sd')), g('augmentation', 'n'),
-         f"real+synthetic − real only ({_fmt(g('augmentation', 'n_synthetic'))} synthetic){over.replace('mean', 'paired differences: mean')}"],
+         f"real+synthetic − real only ({_fmt(g('augmentation', 'n_synthetic'))} synthetic){paired}"],
         ['augmentation: macro F1 delta', _pm(g('augmentation', 'macro_f1_delta'), g('augmentation', 'macro_f1_delta_sd')), g('augmentation', 'n'), ''],
         ['Fréchet distance (judge features)', g('distances', 'fd', 'value'), g('distances', 'fd', 'n'), f"vs n_real={_fmt(g('distances', 'fd', 'n_real'))}; real reference {_fmt(g('distances', 'reference', 'fd', 'value'))}"],
         ['Fréchet distance, mean over classes', g('distances', 'fd', 'class_mean', 'value'), g('distances', 'fd', 'n'),
@@ -578,7 +578,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
         if eval_repeats > 1: aug_block[f'{k}_delta_sd'] = sd
     aug_block.update(real_only=real_only, real_plus_synthetic=mixed)
     if len(x_acc) == 0: notes.append('no accepted synthetic image: CAS and augmentation have nothing to train on')
-    if budget_note(real_only, real_test): notes.append(budget_note(real_only, real_test))
+    if note := budget_note(real_only, real_test): notes.append(note)
     lap('train on synthetic')
 
     dkw = dict(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, k=prdc_k, seed=seed)
