@@ -417,7 +417,9 @@ def _from_papermill(stage, e, out_nb, src_nb) -> StageFailed:
     hint = " (the kernel died: out of memory?)" if name == 'DeadKernelError' else ''
     return StageFailed(stage, out_nb, src_nb, f"{name}: {e}{hint}")
 
-_KERNEL_CHATTER = re.compile(r'^\[IPKernelApp\] ERROR \| KeyboardInterrupt caught in kernel\.\s*$', re.M)  # its shutdown
+# what a kernel prints as it shuts down: the stop request, and libzmq's abort when its socket closes under it
+_KERNEL_CHATTER = re.compile(r'^(\[IPKernelApp\] ERROR \| KeyboardInterrupt caught in kernel\.'
+                             r'|Assertion failed: pfd\.revents & POLLIN \(src/signaler\.cpp:\d+\))\s*$', re.M)
 
 def _kernel_manager(folder, log_path, opened:list):
     "A kernel manager class: kernels talk over local sockets in `folder` (not TCP ports), their own stderr goes to `log_path`."
