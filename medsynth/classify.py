@@ -434,8 +434,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     not_loaded = init_weights(model, weights)
     model.meta.update(weights=str(weights), not_loaded=not_loaded)
     model.to(dev).to(memory_format=torch.channels_last)
-    if dev.type == 'cuda' and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)
-    elif dev.type == 'cuda': x = x.pin_memory()
+    if dev.type == 'cuda' and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_used = len(x) - (len(x) % batch_size == 1)  # a last batch of one would break BatchNorm: it is dropped
     total = max(2, epochs * math.ceil(n_used / batch_size))
@@ -619,7 +618,7 @@ def run_classify(P:Params,             # resolved parameters
                  *, force:bool=False   # retrain even when the classifier is complete
                 ) -> dict:             # the metrics (classifier/metrics.json)
     "The classifier stage: train on data/train, select on data/val, score val and test, write `classifier/`."
-    from medsynth.data import load_classes, load_split
+    from medsynth.data import SPLITS, load_classes, load_split
     import matplotlib.pyplot as plt
     run_dir = Path(P.run_dir); out = run_dir/'classifier'
     h = params_hash(P, 'classify')
@@ -628,11 +627,12 @@ def run_classify(P:Params,             # resolved parameters
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
     names = [c['name'] for c in load_classes(run_dir)]
-    (xtr, ytr), (xva, yva), (xte, yte) = (load_split(run_dir, s) for s in ('train', 'val', 'test'))
+    # each split as the N×3×H×W tensor training reads, its array dropped at once: one copy of the images in memory
+    (xtr, ytr), (xva, yva), (xte, yte) = ((images_tensor(x), y) for x, y in (load_split(run_dir, s) for s in SPLITS))
     if len(xtr) == 0: raise ValueError(f"{run_dir/'data'/'train'}: no training images")
     kw = fit_kwargs(P)
     print(f"classify: ResNet-18 ({P.classifier_weights} weights) on {len(xtr)} train / {len(xva)} val images of "
-          f"{xtr.shape[2]}x{xtr.shape[1]} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
+          f"{xtr.shape[3]}x{xtr.shape[2]} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
     model, history = fit_classifier(xtr, ytr, xva, yva, n_classes=len(names), classes=names, epochs=P.classifier_epochs,
                                     checkpoint=out/'checkpoint.pt', **kw)
     save_classifier(model, out, meta=dict(params_hash=h))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c7d71f6d
 from __future__ import annotations
-import os, csv, json, time, shutil, difflib, hashlib
+import os, csv, json, time, shutil, difflib, hashlib, zipfile
 from dataclasses import dataclass, field
 from collections import Counter
 from pathlib import Path
@@ -15,11 +15,11 @@ from .config import Params, load_params, in_colab, atomic_path, write_json, read
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
-           'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'read_medmnist_npz',
-           'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source', 'source_stamp',
-           'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size', 'build_dataset',
-           'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'load_split', 'data_complete',
-           'run_data']
+           'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'NpzImages',
+           'read_medmnist_npz', 'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source',
+           'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size',
+           'build_dataset', 'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'load_split',
+           'check_memory', 'data_complete', 'run_data']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -250,7 +250,7 @@ class Source:
     "The images of a data source, before splitting and writing."
     classes:list[str]              # class names in label order
     labels:np.ndarray              # int64 (N,), a label per image
-    items:list                     # per image: a uint8 array (H,W,3) or (H,W), or a file Path
+    items:list|NpzImages           # per image: a uint8 array (H,W,3) or (H,W), or a file Path (indexed in order)
     refs:list[str]                 # per image, for messages: its path, or e.g. `pathmnist.npz:train_images[12]`
     splits:np.ndarray|None=None    # per image 'train'/'val'/'test' when the source has splits, else None
     numbers:np.ndarray|None=None   # per image, the number of its PNG (default: its position in the source)
@@ -259,6 +259,69 @@ class Source:
     def __len__(self): return len(self.labels)
 
 # %% ../nbs/01_data.ipynb #70b37eca
+def _npy_header(f, where:str) -> tuple[tuple, np.dtype, bool]:
+    "Shape, dtype and Fortran order from the header of the `.npy` stream `f`, which is left at the first data byte."
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(f)
+    except Exception as e: raise DataError(f"{where}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    return shape, dtype, fortran
+
+class NpzImages:
+    "The arrays `keys` of a `.npz`, end to end, as a sequence of images: read a chunk at a time, never loaded whole."
+    CHUNK_BYTES = 64 << 20                         # the default chunk
+    def __init__(self, path:str|Path,              # the .npz file (stored or deflated, as `np.savez` or `np.savez_compressed` write)
+                 keys:list[str],                   # its arrays, in order: image i of the sequence is a row of one of them
+                 *, chunk_bytes:int|None=None):    # how much of an array is decompressed and held at a time
+        self.path, self.keys, self.chunk_bytes = Path(path), list(keys), chunk_bytes or self.CHUNK_BYTES
+        self.headers = []      # (shape, dtype) of each array
+        with zipfile.ZipFile(self.path) as z:
+            for k in self.keys:
+                with z.open(f'{k}.npy') as f: self.headers.append(_npy_header(f, f"{self.path}:{k}")[:2])
+        self.starts = np.cumsum([0] + [shape[0] for shape, _ in self.headers])
+        self._zip = self._f = None
+        self._part, self._c0, self._chunk = -1, 0, np.zeros(0)
+
+    def __len__(self): return int(self.starts[-1])
+
+    @property
+    def image_wh(self) -> tuple[int, int]|None:
+        "(width, height) shared by every image, or None."
+        sizes = {(shape[2], shape[1]) for shape, _ in self.headers if len(shape) >= 3}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def __getitem__(self, i:int) -> np.ndarray:
+        if not 0 <= i < len(self): raise IndexError(f"image {i} of {len(self)}")
+        part = int(np.searchsorted(self.starts, i, side='right')) - 1
+        j = i - int(self.starts[part])
+        if part != self._part or j < self._c0: self._open(part)   # an array is read front to back: going back restarts it
+        while j >= self._c0 + len(self._chunk): self._next_chunk()
+        return self._chunk[j - self._c0]
+
+    def _open(self, part:int):
+        self.close()
+        self._zip = zipfile.ZipFile(self.path)
+        self._f = self._zip.open(f'{self.keys[part]}.npy')
+        shape, dtype, fortran = _npy_header(self._f, f"{self.path}:{self.keys[part]}")
+        self._part, self._c0, self._left = part, 0, shape[0]
+        self._row, self._dtype = shape[1:], dtype
+        self._chunk = np.zeros((0, *shape[1:]), dtype)
+        if fortran: self._chunk, self._left = np.ascontiguousarray(np.lib.format.read_array(self._f)), 0  # rare: whole
+
+    def _next_chunk(self):
+        self._c0 += len(self._chunk)
+        row = int(np.prod(self._row)) * self._dtype.itemsize
+        n = min(self._left, max(1, self.chunk_bytes // max(row, 1)))
+        buf = self._f.read(n * row)
+        if n == 0 or len(buf) != n * row:
+            raise DataError(f"{self.path}:{self.keys[self._part]}: the array ends early (truncated file?); download it again")
+        self._chunk, self._left = np.frombuffer(buf, self._dtype).reshape(n, *self._row), self._left - n
+
+    def close(self):
+        if self._zip is not None: self._f.close(); self._zip.close()
+        self._zip = self._f = None; self._part = -1
+
 def read_medmnist_npz(path:str|Path,              # a .npz in MedMNIST's key layout
                       *, flag:str='pathmnist',     # which MedMNIST dataset (names the classes)
                       classes:list[str]|None=None  # class names; default: those of `flag`
@@ -273,22 +336,24 @@ def read_medmnist_npz(path:str|Path,              # a .npz in MedMNIST's key lay
     missing = [k for k in need if k not in z.files]
     if missing: raise DataError(f"medmnist_npz {path}: no key {', '.join(missing)}; a MedMNIST .npz holds {', '.join(need)}")
     classes = list(classes or medmnist_classes(flag))
-    items, labels, refs, splits, numbers = [], [], [], [], []
-    for s in SPLITS:
-        x, y = z[f'{s}_images'], z[f'{s}_labels']
-        if x.dtype != np.uint8 or not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
-            raise DataError(f"medmnist_npz {path}: `{s}_images` is {x.dtype} {x.shape}; expected uint8 (N,H,W,3) or (N,H,W) "
+    images = NpzImages(path, [f'{s}_images' for s in SPLITS])   # headers only: PathMNIST at 224 px is 16 GB decoded
+    labels, refs, splits, numbers = [], [], [], []
+    for s, (shape, dtype) in zip(SPLITS, images.headers):
+        y = z[f'{s}_labels']
+        if dtype != np.uint8 or not (len(shape) == 3 or (len(shape) == 4 and shape[-1] == 3)):
+            raise DataError(f"medmnist_npz {path}: `{s}_images` is {dtype} {shape}; expected uint8 (N,H,W,3) or (N,H,W) "
                             f"(a 2D MedMNIST dataset)")
         if y.ndim == 2 and y.shape[1] == 1: y = y[:, 0]
         if y.ndim != 1: raise DataError(f"medmnist_npz {path}: `{s}_labels` is {y.shape}; expected (N,1): one class per image")
-        if len(y) != len(x): raise DataError(f"medmnist_npz {path}: {len(x)} `{s}_images` but {len(y)} `{s}_labels`")
+        if len(y) != shape[0]: raise DataError(f"medmnist_npz {path}: {shape[0]} `{s}_images` but {len(y)} `{s}_labels`")
         bad = np.flatnonzero((y < 0) | (y >= len(classes)))
         if len(bad): raise DataError(f"medmnist_npz {path}: `{s}_labels[{bad[0]}]` is {y[bad[0]]}, outside 0..{len(classes)-1} "
                                      f"({flag} has {len(classes)} classes)")
-        items += list(x); labels.append(y.astype(np.int64))
-        refs += [f"{path.name}:{s}_images[{i}]" for i in range(len(x))]
-        splits += [s] * len(x); numbers.append(np.arange(len(x)))
-    return Source(classes, np.concatenate(labels), items, refs, np.array(splits, dtype=object), np.concatenate(numbers),
+        labels.append(y.astype(np.int64))
+        refs += [f"{path.name}:{s}_images[{i}]" for i in range(len(y))]
+        splits += [s] * len(y); numbers.append(np.arange(len(y)))
+    z.close()
+    return Source(classes, np.concatenate(labels), images, refs, np.array(splits, dtype=object), np.concatenate(numbers),
                   description=f"MedMNIST {flag} from {path}")
 
 def download_medmnist(flag:str, *, size:int=28, root:str|Path|None=None) -> Path:
@@ -517,6 +582,7 @@ def read_image(item,                       # a file path, or a uint8 array (H,W,
 
 def common_size(src:Source, idx) -> tuple[int, int]:
     "The (width, height) most of the images `idx` of `src` have (file headers only)."
+    if getattr(src.items, 'image_wh', None): return src.items.image_wh   # arrays of one shape: no need to read them
     sizes = Counter()
     for i in idx:
         it = src.items[i]
@@ -662,10 +728,25 @@ def load_split(run_dir:str|Path,  # the run directory
     if not meta.is_file(): raise DataError(f"{meta}: not found; run the data stage first (`run_data(P)` or nbs/01_data.ipynb)")
     rows = read_jsonl(meta)
     y = np.array([r['label'] for r in rows], np.int64)
-    if not rows:
-        h, w = read_json(folder.parent/'summary.json')['image_size']
-        return np.zeros((0, h, w, 3), np.uint8), y
+    h, w = read_json(folder.parent/'summary.json')['image_size']
+    if not rows: return np.zeros((0, h, w, 3), np.uint8), y
+    check_memory(folder, y, h, w)
     return read_images([folder/r['file_name'] for r in rows]), y
+
+def check_memory(folder:Path,         # the split's folder, for the message
+                 labels:np.ndarray,   # its labels
+                 h:int, w:int,        # its image size
+                 *, available:int|None=None):  # bytes of free memory (default: what the OS says)
+    "Refuse to decode a split into more than half the free memory (the stages that read it whole copy it once)."
+    import psutil
+    need = len(labels) * h * w * 3
+    available = psutil.virtual_memory().available if available is None else available
+    if need <= available / 2: return
+    per_class = max(1, int(np.bincount(labels).max() * available / 2 / need))
+    raise DataError(f"{folder}: {len(labels):,} images of {w}x{h} px are {need / 2**30:.1f} GB decoded, and this machine has "
+                    f"{available / 2**30:.1f} GB of memory free (the stage reads the split whole, and copies it once). "
+                    f"Set `max_per_class` (at most that many images per class and split; here about {per_class:,} fit) "
+                    f"and run again, or use a machine with more memory")
 
 # %% ../nbs/01_data.ipynb #2f8cffd5
 def _alive(pid:int) -> bool:

@@ -322,18 +322,18 @@ def encode_images(vae,                      # a frozen AutoencoderKL
                   dtype=torch.float32,      # storage dtype of the cache
                   progress:bool=True) -> dict:
     "Latent mean and std (A×N×C×h×w, unscaled) of every image under each of the `A` cached symmetries."
-    dev, means, stds = next(vae.parameters()).device, [], []
-    ks = _aug_ids(augment)
+    dev, ks, out = next(vae.parameters()).device, _aug_ids(augment), {}
     bar = tqdm(total=len(ks)*len(images), desc='encode images', disable=not progress, mininterval=2)
-    for k in ks:
-        m, s = [], []
+    for a, k in enumerate(ks):
         for i in range(0, len(images), batch_size):
             x = dihedral(to_pixels(images[i:i+batch_size]), k).to(dev, vae.dtype)
             d = vae.encode(x).latent_dist
-            m.append(d.mean.to('cpu', dtype)); s.append(d.std.to('cpu', dtype)); bar.update(len(x))
-        means.append(torch.cat(m)); stds.append(torch.cat(s))
+            for name, v in (('mean', d.mean), ('std', d.std)):   # written in place: the cache is in memory once
+                if name not in out: out[name] = torch.empty((len(ks), len(images), *v.shape[1:]), dtype=dtype)
+                out[name][a, i:i+len(x)] = v.to('cpu', dtype)
+            bar.update(len(x))
     bar.close()
-    return dict(mean=torch.stack(means), std=torch.stack(stds))
+    return out
 
 
 # %% ../nbs/03_finetune.ipynb #ee14aca5
@@ -741,11 +741,13 @@ def run_finetune(P:Params,                 # resolved parameters
     pipe.vae.requires_grad_(False); pipe.text_encoder.requires_grad_(False)
     # 2. cache
     cpath = gdir/'cache.pt'
+    cache = None
     if main and not cpath.exists():
-        c = _build_cache(P, pipe, x, y, captions, cpath, dev, wdtype if dev.type != 'cpu' else torch.float32)
-        print(f"cache: {tuple(c['mean'].shape)} latents ({P.cache_augment}) and {len(captions)}+1 caption embeddings in {c['seconds']} s")
+        cache = _build_cache(P, pipe, x, y, captions, cpath, dev, wdtype if dev.type != 'cpu' else torch.float32)
+        print(f"cache: {tuple(cache['mean'].shape)} latents ({P.cache_augment}) and {len(captions)}+1 caption embeddings in {cache['seconds']} s")
     acc.wait_for_everyone()
-    cache = torch.load(cpath, weights_only=True)
+    if cache is None: cache = torch.load(cpath, weights_only=True)
+    res = int(x.shape[1]); del x   # training reads the cache only
     fdtype = wdtype if dev.type != 'cpu' else torch.float32      # frozen parts, as diffusers' script keeps them
     _move(pipe.vae, dev, fdtype); _move(pipe.text_encoder, dev, fdtype)
     # 3. train
@@ -787,7 +789,7 @@ def run_finetune(P:Params,                 # resolved parameters
         _write_log_csv(r['log'], gdir/'train_log.csv')
         _plot_losses(r['log'], base_info.get('vae_loss'), gdir/'loss.png')
         info = dict(key=key, method=P.finetune_method, base_model=P.base_model, steps=P.train_steps,
-                    resolution=int(x.shape[1]), crop=crop, checkpoint=f'step-{P.train_steps}', final_loss=r['log'][-1]['loss'] if r['log'] else None,
+                    resolution=res, crop=crop, checkpoint=f'step-{P.train_steps}', final_loss=r['log'][-1]['loss'] if r['log'] else None,
                     resumed_from=r['resumed_from'], num_processes=acc.num_processes,
                     seconds=dict(vae=base_info.get('vae_seconds'), cache=cache.get('seconds'), unet=unet_seconds),
                     files=dict(pipeline='pipeline' if P.finetune_method == 'full' else None,

@@ -113,3 +113,24 @@ def test_killed_run_leaves_no_complete_looking_data(tmp_path):
     summary = run_data(P)
     assert [p.name for p in run_dir.iterdir()] == ['data']      # the leftover is gone
     assert len(list((run_dir/'data').rglob('*.png'))) == sum(summary['totals'].values()) + 2
+
+def test_a_large_npz_is_converted_chunk_by_chunk(pathmnist_npz, tmp_path, monkeypatch):
+    "PathMNIST at 224 px is 16 GB decoded: the data stage must never hold a whole array of the npz."
+    import tracemalloc
+    import medsynth.data as D
+    z = np.load(pathmnist_npz)   # the real images at 4x4 the size: 37.6 MB of pixels, deflated like MedMNIST's files
+    big = {k: np.kron(v, np.ones((1, 4, 4, 1), np.uint8)) if k.endswith('_images') else v for k, v in z.items()}
+    np.savez_compressed(tmp_path/'pathmnist_112.npz', **big)
+    monkeypatch.setattr(D.NpzImages, 'CHUNK_BYTES', 1 << 20)
+    for fig in ('plot_class_balance', 'plot_samples'):   # the figures read a fixed 8 images per class, whatever the size
+        monkeypatch.setattr(D, fig, lambda *a, **k: None)
+    P = load_params(PROFILE, run_dir=str(tmp_path/'run'), medmnist_npz=str(tmp_path/'pathmnist_112.npz'))
+    tracemalloc.start()
+    try: summary = run_data(P)
+    finally: peak = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
+    pixels = sum(v.nbytes for k, v in big.items() if k.endswith('_images'))
+    assert peak < pixels / 4, f"peak {peak/2**20:.1f} MB while converting {pixels/2**20:.1f} MB of images"
+    assert summary['image_size'] == [112, 112] and summary['totals'] == {s: len(big[f'{s}_labels']) for s in SPLITS}
+    for s in SPLITS:   # and every image arrives exactly
+        xs, ys = load_split(P.run_dir, s)
+        assert np.array_equal(xs, big[f'{s}_images']) and np.array_equal(ys, big[f'{s}_labels'][:, 0])
