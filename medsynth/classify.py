@@ -357,8 +357,8 @@ def _set_rng_state(s:dict):
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def _channel_stats(x:torch.Tensor) -> tuple[list, list]:
-    "Per-channel mean and std of a uint8 N×3×H×W tensor, in [0, 1] units (on at most 2,000 images)."
-    s = x[:2000].float().div(255)
+    "Per-channel mean and std of a uint8 N×3×H×W tensor, in [0, 1] units (on at most 2,000 images, 256 MB as floats)."
+    s = x[:min(2000, max(1, (256 << 20) // (4 * x[0].numel())))].float().div(255)
     return s.mean((0, 2, 3)).tolist(), s.std((0, 2, 3)).clamp_min(1e-3).tolist()
 
 @torch.inference_mode()
