@@ -262,8 +262,8 @@ def image_files(folder:str|Path) -> list[Path]:
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith('.') for s in p.relative_to(folder).parts))
 
 class _ImageFiles(torch.utils.data.Dataset):
-    "Image files decoded to uint8 3×S×S tensors (RGB, resized to S with PIL when needed)."
-    def __init__(self, files, size:int): self.files, self.size = [Path(f) for f in files], size
+    "Image files decoded to uint8 3×S×S tensors (RGB, resized to S with PIL when needed; `size` None: as stored)."
+    def __init__(self, files, size:int|None): self.files, self.size = [Path(f) for f in files], size
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
         from PIL import Image
@@ -271,7 +271,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(f) as im:
                 im = im.convert('RGB')
-                if im.size != (self.size, self.size): im = im.resize((self.size, self.size), Image.BILINEAR)
+                if self.size and im.size != (self.size, self.size): im = im.resize((self.size, self.size), Image.BILINEAR)
                 a = np.asarray(im)
         except Exception as e: raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e})") from None
         return torch.from_numpy(a.copy()).permute(2, 0, 1)
@@ -356,19 +356,36 @@ def _set_rng_state(s:dict):
     torch.set_rng_state(s['cpu'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-def _channel_stats(x:torch.Tensor) -> tuple[list, list]:
-    "Per-channel mean and std of a uint8 N×3×H×W tensor, in [0, 1] units (on at most 2,000 images, 256 MB as floats)."
-    s = x[:min(2000, max(1, (256 << 20) // (4 * x[0].numel())))].float().div(255)
+def _image_set(images):
+    "Training or validation images as a uint8 N×3×H×W tensor, or, given image files, a dataset that decodes them when read."
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, Path)): return _ImageFiles(images, None)
+    return images_tensor(images)
+
+def _batches(x, index_batches:list[torch.Tensor], num_workers:int=0):
+    "The uint8 N×3×H×W batches `x[idx]` of an image set, one per index tensor, in order; files are decoded by workers."
+    if isinstance(x, torch.Tensor):
+        for idx in index_batches: yield x[idx.to(x.device)]
+        return
+    # batches exactly as given, and a generator of its own: the global RNG (augmentation) is drawn as with a tensor
+    yield from torch.utils.data.DataLoader(x, batch_sampler=[i.tolist() for i in index_batches], num_workers=num_workers,
+                                           generator=torch.Generator().manual_seed(0))
+
+def _head(x, n:int) -> torch.Tensor: return next(_batches(x, [torch.arange(min(n, len(x)))]))
+
+def _channel_stats(x) -> tuple[list, list]:
+    "Per-channel mean and std of an image set, in [0, 1] units (on at most 2,000 images, 256 MB as floats)."
+    s = _head(x, min(2000, max(1, (256 << 20) // (4 * x[0].numel())))).float().div(255)
     return s.mean((0, 2, 3)).tolist(), s.std((0, 2, 3)).clamp_min(1e-3).tolist()
 
 @torch.inference_mode()
-def _evaluate(model, x, y, *, batch_size, device, autocast) -> dict:
-    "Loss, accuracy, macro AUC and probabilities of `model` on uint8 images `x` and labels `y`."
+def _evaluate(model, x, y, *, batch_size, device, autocast, num_workers:int=0) -> dict:
+    "Loss, accuracy, macro AUC and probabilities of `model` on an image set `x` and labels `y`."
     model.eval()
     probs, loss = [], 0.0
-    for i in range(0, len(x), batch_size):
-        with autocast: lo = model(x[i:i+batch_size].to(device, non_blocking=True)).float()
-        yb = y[i:i+batch_size].to(device)
+    idx = list(torch.arange(len(x)).split(batch_size))
+    for i, xb in zip(idx, _batches(x, idx, num_workers)):
+        with autocast: lo = model(xb.to(device, non_blocking=True)).float()
+        yb = y[i].to(device)
         loss += F.cross_entropy(lo, yb, reduction='sum').item()
         probs.append(lo.softmax(1).cpu())
     p = torch.cat(probs).numpy()
@@ -389,7 +406,7 @@ def _labels_tensor(y, n:int, n_classes:int, name:str) -> torch.Tensor:
     return y
 
 # %% ../nbs/02_classify.ipynb #84d5c0f1
-def fit_classifier(x_train,                       # training images: uint8 N×H×W×3 array (or anything `images_tensor` takes)
+def fit_classifier(x_train,                       # training images: uint8 N×H×W×3 array (or anything `images_tensor` takes), or image files
                    y_train,                       # their int labels, N (or N×1)
                    x_val=None, y_val=None,        # validation images and labels: model selection by macro AUC
                    *, n_classes:int,              # number of classes
@@ -411,6 +428,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    precision:str='auto',          # auto | fp32 | bf16 | fp16: autocast precision
                    seed:int=0,                    # seeds initialisation, batches and augmentation
                    eval_batch_size:int=256,       # images per forward pass when validating
+                   num_workers:int=0,             # DataLoader workers decoding image files (when given files)
                    gpu_cache_gb:float=4.0,        # keep the training images on the GPU when they take less than this
                    checkpoint:str|Path|None=None, # file to save the training state to and resume from
                    checkpoint_every:float=300.0,  # seconds between checkpoint saves
@@ -421,20 +439,20 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     dev = resolve_device(device) if device is None or isinstance(device, str) else torch.device(device)
     prec = resolve_precision(precision, dev)
     _seed_all(seed)
-    x = images_tensor(x_train)
+    x = _image_set(x_train)   # files (a set larger than memory) are decoded batch by batch, in the same batches
     y = _labels_tensor(y_train, len(x), n_classes, 'y_train')
     if len(x) < 2: raise ValueError(f"x_train: {len(x)} image(s); at least 2 are needed to train")
     has_val = x_val is not None and len(x_val) > 0
     if has_val:
-        xv = images_tensor(x_val)
+        xv = _image_set(x_val)
         yv = _labels_tensor(y_val, len(xv), n_classes, 'y_val')
-    size = int(image_size or x.shape[-1])
+    size = int(image_size or x[0].shape[-1])
     mean, std = (_channel_stats(x) if weights in (None, '', 'none') else (IMAGENET_MEAN, IMAGENET_STD))
     model = Classifier(n_classes, image_size=size, stem=stem, mean=mean, std=std, classes=classes, tta=tta)
     not_loaded = init_weights(model, weights)
     model.meta.update(weights=str(weights), not_loaded=not_loaded)
     model.to(dev).to(memory_format=torch.channels_last)
-    if dev.type == 'cuda' and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
+    if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_used = len(x) - (len(x) % batch_size == 1)  # a last batch of one would break BatchNorm: it is dropped
     total = max(2, epochs * math.ceil(n_used / batch_size))
@@ -445,7 +463,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     ckpt = Path(checkpoint) if checkpoint else None
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=size, stem=model.stem, seed=seed,
-               augment=augment_images, translate=translate, jitter=jitter, precision=prec, labels=int(y.sum()), pixels=int(x[:64].sum()))
+               augment=augment_images, translate=translate, jitter=jitter, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     if ckpt is not None and ckpt.is_file():
         st = torch.load(ckpt, map_location='cpu', weights_only=True)
         if st.get('tag') == tag:
@@ -465,9 +483,9 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
         model.train()
         perm = torch.randperm(len(x))[:n_used]
         loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.int64), 0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i+batch_size]
-            xb = x[idx.to(x.device)].to(dev, non_blocking=True).float().div_(255)
+        batches = list(perm.split(batch_size))
+        for idx, xb in zip(batches, _batches(x, batches, num_workers)):
+            xb = xb.to(dev, non_blocking=True).float().div_(255)
             yb = y[idx].to(dev, non_blocking=True)
             if augment_images or jitter > 0 or translate > 0:
                 xb = augment(xb, flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter)
@@ -480,7 +498,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
             loss_sum += loss.detach() * len(idx); correct += (logits.argmax(1) == yb).sum(); seen += len(idx)  # no sync per step
         row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_accuracy=correct.item() / seen, lr=opt.param_groups[0]['lr'])
         if has_val:
-            r = _evaluate(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=autocast)
+            r = _evaluate(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=autocast, num_workers=num_workers)
             row.update(val_loss=r['loss'], val_accuracy=r['accuracy'], val_macro_auc=r['macro_auc'])
         t_train += time.time() - t0
         row['seconds'] = round(t_train, 2)
@@ -599,7 +617,7 @@ def fit_kwargs(P:Params) -> dict:
                 label_smoothing=P.classifier_label_smoothing, warmup=P.classifier_warmup, weights=P.classifier_weights,
                 image_size=P.classifier_image_size, stem=P.classifier_stem, augment_images=P.classifier_augment,
                 translate=P.classifier_translate, jitter=P.classifier_jitter, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
-                device=resolve_device(P.device), precision=P.precision, seed=P.seed)
+                device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
 def classifier_complete(out:str|Path, h:str) -> bool:
     "Does `out` hold a classifier and its metrics for parameters with fingerprint `h`?"
@@ -627,12 +645,20 @@ def run_classify(P:Params,             # resolved parameters
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
     names = [c['name'] for c in load_classes(run_dir)]
-    # each split as the N×3×H×W tensor training reads, its array dropped at once: one copy of the images in memory
-    (xtr, ytr), (xva, yva), (xte, yte) = ((images_tensor(x), y) for x, y in (load_split(run_dir, s) for s in SPLITS))
+    # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);
+    # a split that would not fit stays a list of files, decoded batch by batch in every epoch
+    sets = {}
+    for s in SPLITS:
+        x, y = load_split(run_dir, s, lazy=None)
+        if isinstance(x, list): print(f"classify: {run_dir/'data'/s} does not fit in memory: its {len(x):,} images are decoded "
+                                      f"from their PNGs batch by batch ({P.num_workers} DataLoader workers; `num_workers`)")
+        sets[s] = (x if isinstance(x, list) else images_tensor(x), y)
+    (xtr, ytr), (xva, yva), (xte, yte) = (sets.pop(s) for s in SPLITS)
     if len(xtr) == 0: raise ValueError(f"{run_dir/'data'/'train'}: no training images")
     kw = fit_kwargs(P)
+    ih, iw = read_json(run_dir/'data'/'summary.json')['image_size']
     print(f"classify: ResNet-18 ({P.classifier_weights} weights) on {len(xtr)} train / {len(xva)} val images of "
-          f"{xtr.shape[3]}x{xtr.shape[2]} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
+          f"{iw}x{ih} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
     model, history = fit_classifier(xtr, ytr, xva, yva, n_classes=len(names), classes=names, epochs=P.classifier_epochs,
                                     checkpoint=out/'checkpoint.pt', **kw)
     save_classifier(model, out, meta=dict(params_hash=h))
@@ -641,7 +667,7 @@ def run_classify(P:Params,             # resolved parameters
                    train_seconds=model.meta['train_seconds'], device=str(kw['device']), image_size=model.image_size,
                    stem=model.stem, weights=str(P.classifier_weights))
     for split, (x, y) in (('val', (xva, yva)), ('test', (xte, yte))):
-        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'])
+        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'], num_workers=P.num_workers)
         metrics[split] = score(y, r['probs'], names)
         if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))

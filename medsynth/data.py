@@ -19,7 +19,7 @@ __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'Data
            'read_medmnist_npz', 'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source',
            'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size',
            'build_dataset', 'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'load_split',
-           'check_memory', 'data_complete', 'run_data']
+           'memory_shortfall', 'data_complete', 'run_data']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -718,10 +718,12 @@ def read_images(src,                       # a list of image files, or a folder 
         out[i] = a
     return out
 
-def load_split(run_dir:str|Path,  # the run directory
-               split:str          # 'train', 'val' or 'test'
-              ) -> tuple[np.ndarray, np.ndarray]:
-    "The images and labels of one split of a run's dataset: uint8 (N,H,W,3) and int64 (N,), in metadata order."
+def load_split(run_dir:str|Path,      # the run directory
+               split:str,             # 'train', 'val' or 'test'
+               *, lazy:bool|None=False # True: the image files, not decoded; None: the files when decoding would not fit
+              ) -> tuple[np.ndarray|list[Path], np.ndarray]:
+    """The images and labels of one split of a run's dataset, in metadata order: uint8 (N,H,W,3) (or the N image
+    files, see `lazy`) and int64 (N,). Decoding a split larger than half the free memory is refused (`check_memory`)."""
     if split not in SPLITS: raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     folder = Path(run_dir)/'data'/split
     meta = folder/'metadata.jsonl'
@@ -729,24 +731,28 @@ def load_split(run_dir:str|Path,  # the run directory
     rows = read_jsonl(meta)
     y = np.array([r['label'] for r in rows], np.int64)
     h, w = read_json(folder.parent/'summary.json')['image_size']
-    if not rows: return np.zeros((0, h, w, 3), np.uint8), y
-    check_memory(folder, y, h, w)
-    return read_images([folder/r['file_name'] for r in rows]), y
+    files = [folder/r['file_name'] for r in rows]
+    if lazy or not rows: return (files if rows else np.zeros((0, h, w, 3), np.uint8)), y
+    short = memory_shortfall(folder, y, h, w)
+    if short and lazy is None: return files, y
+    if short: raise DataError(short)
+    return read_images(files), y
 
-def check_memory(folder:Path,         # the split's folder, for the message
-                 labels:np.ndarray,   # its labels
-                 h:int, w:int,        # its image size
-                 *, available:int|None=None):  # bytes of free memory (default: what the OS says)
-    "Refuse to decode a split into more than half the free memory (the stages that read it whole copy it once)."
+def memory_shortfall(folder:Path,         # the split's folder, for the message
+                     labels:np.ndarray,   # its labels
+                     h:int, w:int,        # its image size
+                     *, available:int|None=None  # bytes of free memory (default: what the OS says)
+                    ) -> str|None:
+    "Why a split cannot be decoded into memory (more than half of what is free: a stage copies it once), or None."
     import psutil
     need = len(labels) * h * w * 3
     available = psutil.virtual_memory().available if available is None else available
-    if need <= available / 2: return
+    if need <= available / 2: return None
     per_class = max(1, int(np.bincount(labels).max() * available / 2 / need))
-    raise DataError(f"{folder}: {len(labels):,} images of {w}x{h} px are {need / 2**30:.1f} GB decoded, and this machine has "
-                    f"{available / 2**30:.1f} GB of memory free (the stage reads the split whole, and copies it once). "
-                    f"Set `max_per_class` (at most that many images per class and split; here about {per_class:,} fit) "
-                    f"and run again, or use a machine with more memory")
+    return (f"{folder}: {len(labels):,} images of {w}x{h} px are {need / 2**30:.1f} GB decoded, and this machine has "
+            f"{available / 2**30:.1f} GB of memory free (the stage reads the split whole, and copies it once). "
+            f"Set `max_per_class` (at most that many images per class and split; here about {per_class:,} fit) "
+            f"and run again, or use a machine with more memory")
 
 # %% ../nbs/01_data.ipynb #2f8cffd5
 def _alive(pid:int) -> bool:
