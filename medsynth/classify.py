@@ -357,8 +357,9 @@ def _set_rng_state(s:dict):
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def _image_set(images):
-    "Training or validation images as a uint8 N×3×H×W tensor, or, given image files, a dataset that decodes them when read."
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, Path)): return _ImageFiles(images, None)
+    "Training or validation images as a uint8 N×3×H×W tensor, or, given files (`ImageFiles`), a dataset that decodes them."
+    from medsynth.data import ImageFiles
+    if isinstance(images, ImageFiles): return _ImageFiles(images.files, None)
     return images_tensor(images)
 
 def _batches(x, index_batches:list[torch.Tensor], num_workers:int=0):
@@ -406,7 +407,7 @@ def _labels_tensor(y, n:int, n_classes:int, name:str) -> torch.Tensor:
     return y
 
 # %% ../nbs/02_classify.ipynb #84d5c0f1
-def fit_classifier(x_train,                       # training images: uint8 N×H×W×3 array (or anything `images_tensor` takes), or image files
+def fit_classifier(x_train,                       # training images: uint8 N×H×W×3 array (or anything `images_tensor` takes), or `ImageFiles`
                    y_train,                       # their int labels, N (or N×1)
                    x_val=None, y_val=None,        # validation images and labels: model selection by macro AUC
                    *, n_classes:int,              # number of classes
@@ -636,7 +637,7 @@ def run_classify(P:Params,             # resolved parameters
                  *, force:bool=False   # retrain even when the classifier is complete
                 ) -> dict:             # the metrics (classifier/metrics.json)
     "The classifier stage: train on data/train, select on data/val, score val and test, write `classifier/`."
-    from medsynth.data import SPLITS, load_classes, load_split
+    from medsynth.data import SPLITS, ImageFiles, load_classes, load_split
     import matplotlib.pyplot as plt
     run_dir = Path(P.run_dir); out = run_dir/'classifier'
     h = params_hash(P, 'classify')
@@ -646,13 +647,13 @@ def run_classify(P:Params,             # resolved parameters
         return m
     names = [c['name'] for c in load_classes(run_dir)]
     # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);
-    # a split that would not fit stays a list of files, decoded batch by batch in every epoch
+    # a split that would not fit stays `ImageFiles`, decoded batch by batch in every epoch
     sets = {}
     for s in SPLITS:
         x, y = load_split(run_dir, s, lazy=None)
-        if isinstance(x, list): print(f"classify: {run_dir/'data'/s} does not fit in memory: its {len(x):,} images are decoded "
+        if isinstance(x, ImageFiles): print(f"classify: {run_dir/'data'/s} does not fit in memory: its {len(x):,} images are decoded "
                                       f"from their PNGs batch by batch ({P.num_workers} DataLoader workers; `num_workers`)")
-        sets[s] = (x if isinstance(x, list) else images_tensor(x), y)
+        sets[s] = (x if isinstance(x, ImageFiles) else images_tensor(x), y)
     (xtr, ytr), (xva, yva), (xte, yte) = (sets.pop(s) for s in SPLITS)
     if len(xtr) == 0: raise ValueError(f"{run_dir/'data'/'train'}: no training images")
     kw = fit_kwargs(P)
@@ -667,7 +668,8 @@ def run_classify(P:Params,             # resolved parameters
                    train_seconds=model.meta['train_seconds'], device=str(kw['device']), image_size=model.image_size,
                    stem=model.stem, weights=str(P.classifier_weights))
     for split, (x, y) in (('val', (xva, yva)), ('test', (xte, yte))):
-        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'], num_workers=P.num_workers)
+        r = predict(model, x.files if isinstance(x, ImageFiles) else x, batch_size=P.classifier_eval_batch_size,
+                    device=kw['device'], num_workers=P.num_workers)
         metrics[split] = score(y, r['probs'], names)
         if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))

@@ -18,8 +18,8 @@ __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'Data
            'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'NpzImages',
            'read_medmnist_npz', 'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source',
            'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size',
-           'build_dataset', 'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'load_split',
-           'memory_shortfall', 'data_complete', 'run_data']
+           'build_dataset', 'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'ImageFiles',
+           'load_split', 'memory_shortfall', 'data_complete', 'run_data']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -718,12 +718,18 @@ def read_images(src,                       # a list of image files, or a folder 
         out[i] = a
     return out
 
+class ImageFiles:
+    "A split's image files as a read-only uint8 (N,H,W,3) array whose images are decoded when taken (`[i]`, `[i:j]`)."
+    def __init__(self, files:list[Path], h:int, w:int): self.files, self.shape = list(files), (len(files), h, w, 3)
+    def __len__(self): return len(self.files)
+    def __getitem__(self, i): return read_images(self.files[i]) if isinstance(i, slice) else read_images([self.files[i]])[0]
+
 def load_split(run_dir:str|Path,      # the run directory
                split:str,             # 'train', 'val' or 'test'
-               *, lazy:bool|None=False # True: the image files, not decoded; None: the files when decoding would not fit
-              ) -> tuple[np.ndarray|list[Path], np.ndarray]:
-    """The images and labels of one split of a run's dataset, in metadata order: uint8 (N,H,W,3) (or the N image
-    files, see `lazy`) and int64 (N,). Decoding a split larger than half the free memory is refused (`check_memory`)."""
+               *, lazy:bool|None=False # True: `ImageFiles`, decoded when read; None: those when decoding would not fit
+              ) -> tuple[np.ndarray|ImageFiles, np.ndarray]:
+    """The images and labels of one split of a run's dataset, in metadata order: uint8 (N,H,W,3) (or `ImageFiles`,
+    see `lazy`) and int64 (N,). Decoding a split larger than half the free memory is refused (`memory_shortfall`)."""
     if split not in SPLITS: raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     folder = Path(run_dir)/'data'/split
     meta = folder/'metadata.jsonl'
@@ -732,9 +738,9 @@ def load_split(run_dir:str|Path,      # the run directory
     y = np.array([r['label'] for r in rows], np.int64)
     h, w = read_json(folder.parent/'summary.json')['image_size']
     files = [folder/r['file_name'] for r in rows]
-    if lazy or not rows: return (files if rows else np.zeros((0, h, w, 3), np.uint8)), y
-    short = memory_shortfall(folder, y, h, w)
-    if short and lazy is None: return files, y
+    if not rows: return np.zeros((0, h, w, 3), np.uint8), y
+    short = None if lazy else memory_shortfall(folder, y, h, w)
+    if lazy or (short and lazy is None): return ImageFiles(files, h, w), y
     if short: raise DataError(short)
     return read_images(files), y
 

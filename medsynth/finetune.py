@@ -316,7 +316,7 @@ def fit_scaling_factor(vae, images:np.ndarray, *, batch_size:int=64) -> float:
 # %% ../nbs/03_finetune.ipynb #23c75358
 @torch.no_grad()
 def encode_images(vae,                      # a frozen AutoencoderKL
-                  images:np.ndarray,        # uint8 N×H×W×3
+                  images,                   # uint8 N×H×W×3: an array, or `ImageFiles` (decoded a batch at a time)
                   *, augment:str='dihedral',# none | flip | dihedral: the symmetries to cache
                   batch_size:int=64,        # images per encoder call
                   dtype=torch.float32,      # storage dtype of the cache
@@ -324,14 +324,14 @@ def encode_images(vae,                      # a frozen AutoencoderKL
     "Latent mean and std (A×N×C×h×w, unscaled) of every image under each of the `A` cached symmetries."
     dev, ks, out = next(vae.parameters()).device, _aug_ids(augment), {}
     bar = tqdm(total=len(ks)*len(images), desc='encode images', disable=not progress, mininterval=2)
-    for a, k in enumerate(ks):
-        for i in range(0, len(images), batch_size):
-            x = dihedral(to_pixels(images[i:i+batch_size]), k).to(dev, vae.dtype)
-            d = vae.encode(x).latent_dist
+    for i in range(0, len(images), batch_size):
+        px = to_pixels(images[i:i+batch_size])   # each batch read once, encoded under every symmetry
+        for a, k in enumerate(ks):
+            d = vae.encode(dihedral(px, k).to(dev, vae.dtype)).latent_dist
             for name, v in (('mean', d.mean), ('std', d.std)):   # written in place: the cache is in memory once
                 if name not in out: out[name] = torch.empty((len(ks), len(images), *v.shape[1:]), dtype=dtype)
-                out[name][a, i:i+len(x)] = v.to('cpu', dtype)
-            bar.update(len(x))
+                out[name][a, i:i+len(px)] = v.to('cpu', dtype)
+            bar.update(len(px))
     bar.close()
     return out
 
@@ -613,7 +613,15 @@ def train_resolution(resolution:int|None,  # the `resolution` parameter
                                          f"need; use {-(-resolution // 8) * 8} (or null: the images' size rounded up)")
     return resolution
 
-def fit_images(x:np.ndarray,              # uint8 N×S×S×3 training images
+class _FittedImages:
+    "A lazy image set (`ImageFiles`) whose slices are brought to the training side as they are taken."
+    def __init__(self, x, resolution:int|None):
+        self.x, self.resolution = x, resolution
+        r = train_resolution(resolution, x.shape[1]); self.shape = (len(x), r, r, 3)
+    def __len__(self): return len(self.x)
+    def __getitem__(self, s:slice) -> np.ndarray: return fit_images(self.x[s], self.resolution)[0]
+
+def fit_images(x:np.ndarray,              # uint8 N×S×S×3 training images (or `ImageFiles`: then fitted as they are read)
                resolution:int|None        # the `resolution` parameter
               ) -> tuple[np.ndarray, int|None]:
     """The images at the generator's training side, and the side to crop its outputs back to (None: no crop).
@@ -621,6 +629,7 @@ def fit_images(x:np.ndarray,              # uint8 N×S×S×3 training images
     cropped back: no resampling either way (resizing 28 → 32 → 28 blurs PathMNIST enough to fool the judge)."""
     s = x.shape[1]; res = train_resolution(resolution, s)
     if res == s: return x, None
+    if not isinstance(x, np.ndarray): return _FittedImages(x, resolution), (s if resolution is None else None)
     if resolution is None:
         a, b = (res - s) // 2, res - s - (res - s) // 2
         return np.pad(x, ((0, 0), (a, b), (a, b), (0, 0)), mode='reflect'), s
@@ -722,7 +731,11 @@ def run_finetune(P:Params,                 # resolved parameters
     if main: write_json(stamp, dict(key=key))
     acc.wait_for_everyone()
     wdtype = torch_dtype(resolve_precision(P.precision, dev))
-    x, y = load_split(run_dir, 'train'); classes = load_classes(run_dir)
+    # a training split that does not fit in memory is read a batch at a time to build the cache (not for `tiny`,
+    # whose VAE trains on it)
+    x, y = load_split(run_dir, 'train', lazy=None if P.base_model != 'tiny' else False); classes = load_classes(run_dir)
+    if not isinstance(x, np.ndarray):
+        print(f"finetune: {run_dir/'data'/'train'} does not fit in memory: its {len(x):,} images are decoded a batch at a time")
     x, crop = fit_images(x, P.resolution)
     if crop: print(f"finetune: images of {crop} px reflect-padded to {x.shape[1]} px (diffusers' pipelines need multiples of 8); "
                    f"generated images are cropped back to {crop} px")
