@@ -83,6 +83,25 @@ def test_lora_on_tiny_base_loads_in_stock_diffusers(tiny_full, tmp_path):
     # load_generator gives the same pipeline (base + LoRA, fused)
     np.testing.assert_allclose(sample(load_generator(P)), after, atol=2e-3)
 
+def test_lora_from_a_split_that_does_not_fit(tiny_full, tmp_path, monkeypatch, capsys):
+    "A training split larger than memory is read a batch at a time: the same cache, the same LoRA as from memory."
+    import medsynth.data
+    from safetensors.torch import load_file
+    from medsynth.data import run_data
+    from medsynth.finetune import run_finetune
+    kw = dict(base_model=str(Path(tiny_full.run_dir)/'generator'/'pipeline'), finetune_method='lora', train_steps=3)
+    runs = {}
+    for name in ('memory', 'files'):
+        P = tiny_params(tmp_path/name, **kw)
+        run_data(P)
+        if name == 'files': monkeypatch.setattr(medsynth.data, 'memory_shortfall', lambda *a, **k: "pretend: no memory")
+        runs[name] = run_finetune(P, progress=False)
+    assert "does not fit in memory" in capsys.readouterr().out
+    a, b = (torch.load(g/'cache.pt', weights_only=True) for g in (runs['memory'], runs['files']))
+    assert torch.equal(a['mean'], b['mean']) and torch.equal(a['std'], b['std']) and torch.equal(a['labels'], b['labels'])
+    la, lb = (load_file(str(g/'lora'/'pytorch_lora_weights.safetensors')) for g in (runs['memory'], runs['files']))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
 KILL_SCRIPT = textwrap.dedent('''
     import json, sys
     from medsynth.config import load_params
