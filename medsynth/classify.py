@@ -299,7 +299,7 @@ def _autocast(device, precision:str):
 
 @torch.inference_mode()
 def predict(model:Classifier,            # a trained `Classifier`
-            images,                      # uint8 array N×H×W×3 | tensor N×3×H×W | list of PIL images | list of files | a folder
+            images,                      # uint8 array N×H×W×3 | tensor N×3×H×W | list of PIL images | list of files | a folder | `ImageFiles`
             *, batch_size:int=256,       # images per forward pass
             device=None,                 # torch device or name; None: the model's device
             precision:str='fp32',        # fp32 | bf16 | fp16 | auto (autocast on the device)
@@ -313,6 +313,8 @@ def predict(model:Classifier,            # a trained `Classifier`
     model.to(dev, memory_format=torch.channels_last).eval()
     files = None
     if tta is None: tta = bool(model.meta.get('tta', False))
+    from medsynth.data import ImageFiles
+    if isinstance(images, ImageFiles): images = images.files
     if isinstance(images, (str, Path)):
         p = Path(images)
         files = image_files(p) if p.is_dir() else [p]
@@ -668,8 +670,7 @@ def run_classify(P:Params,             # resolved parameters
                    train_seconds=model.meta['train_seconds'], device=str(kw['device']), image_size=model.image_size,
                    stem=model.stem, weights=str(P.classifier_weights))
     for split, (x, y) in (('val', (xva, yva)), ('test', (xte, yte))):
-        r = predict(model, x.files if isinstance(x, ImageFiles) else x, batch_size=P.classifier_eval_batch_size,
-                    device=kw['device'], num_workers=P.num_workers)
+        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'], num_workers=P.num_workers)
         metrics[split] = score(y, r['probs'], names)
         if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))
