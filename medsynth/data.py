@@ -250,7 +250,7 @@ class Source:
     "The images of a data source, before splitting and writing."
     classes:list[str]              # class names in label order
     labels:np.ndarray              # int64 (N,), a label per image
-    items:list|NpzImages           # per image: a uint8 array (H,W,3) or (H,W), or a file Path (indexed in order)
+    items:list                     # per image: a uint8 array (H,W,3) or (H,W), or a file Path (or `NpzImages`, read in order)
     refs:list[str]                 # per image, for messages: its path, or e.g. `pathmnist.npz:train_images[12]`
     splits:np.ndarray|None=None    # per image 'train'/'val'/'test' when the source has splits, else None
     numbers:np.ndarray|None=None   # per image, the number of its PNG (default: its position in the source)
