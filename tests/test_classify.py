@@ -118,3 +118,16 @@ def test_run_classify_writes_the_stage_and_resumes(tmp_path):
     P2 = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=1, device='cpu')
     m2 = run_classify(P2)
     assert m2['epochs'] == 1 and m2['params_hash'] != m['params_hash']    # other parameters: retrained
+
+def test_a_split_too_large_for_memory_streams_from_its_pngs(tmp_path, monkeypatch, capsys):
+    "With 'no memory', training, validation and scores read the PNGs through 2 DataLoader workers: the same classifier."
+    import medsynth.data
+    from medsynth.data import run_data
+    kw = dict(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=2, device='cpu')
+    run_data(load_params(**kw))
+    in_memory = run_classify(load_params(**kw))
+    monkeypatch.setattr(medsynth.data, 'memory_shortfall', lambda *a, **k: "pretend that nothing fits")
+    streamed = run_classify(load_params(**kw, num_workers=2), force=True)
+    assert capsys.readouterr().out.count("does not fit in memory") == 3
+    assert streamed['best_epoch'] == in_memory['best_epoch']
+    for s in ('val', 'test'): assert streamed[s] == in_memory[s]
