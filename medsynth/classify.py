@@ -234,7 +234,8 @@ def score(y_true,                 # int labels, N
         raise ValueError(f"score: probs of shape {p.shape} do not fit {len(y)} labels and {C} classes")
     pred = p.argmax(1) if len(y) else np.zeros(0, np.int64)
     labels = list(range(C))
-    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    prec, rec, f1, sup = (precision_recall_fscore_support(y, pred, labels=labels, zero_division=0) if len(y)
+                          else (np.zeros(C), np.zeros(C), np.zeros(C), np.zeros(C, np.int64)))
     cm = confusion_matrix(y, pred, labels=labels) if len(y) else np.zeros((C, C), np.int64)
     rows = cm.sum(1, keepdims=True)
     present = sup > 0
@@ -262,19 +263,15 @@ def image_files(folder:str|Path) -> list[Path]:
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith('.') for s in p.relative_to(folder).parts))
 
 class _ImageFiles(torch.utils.data.Dataset):
-    "Image files decoded to uint8 3×S×S tensors (RGB, resized to S with PIL when needed; `size` None: as stored)."
+    "Image files decoded to uint8 3×S×S tensors by the data stage's `read_image` (centre-cropped and resized to S when needed; `size` None: as stored)."
     def __init__(self, files, size:int|None): self.files, self.size = [Path(f) for f in files], size
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
-        from PIL import Image
+        from medsynth.data import read_image, BadImage
         f = self.files[i]
-        try:
-            with Image.open(f) as im:
-                im = im.convert('RGB')
-                if self.size and im.size != (self.size, self.size): im = im.resize((self.size, self.size), Image.BILINEAR)
-                a = np.asarray(im)
-        except Exception as e: raise ValueError(f"{f}: cannot be read as an image ({type(e).__name__}: {e})") from None
-        return torch.from_numpy(a.copy()).permute(2, 0, 1)
+        try: a = read_image(f, size=self.size)
+        except BadImage as e: raise BadImage(f"{f}: {e}") from None
+        return torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
 
 def _dihedral(x:torch.Tensor):
     "The eight flips/rotations of a square batch."

@@ -14,7 +14,7 @@ import yaml
 __all__ = ['STAGES', 'SCHEMA', 'Param', 'ParamsError', 'coerce', 'Params', 'load_params', 'repo_root', 'resolve_path', 'in_colab',
            'outputs_root', 'resolve_run_dir', 'mount_drive', 'resolve_device', 'resolve_precision', 'torch_dtype',
            'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
-           'save_params', 'params_hash', 'schema_table']
+           'pid_alive', 'remove_stale_temporaries', 'save_params', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -387,6 +387,31 @@ def _json_default(o):
     if hasattr(o, 'tolist'): return o.tolist()  # arrays
     if isinstance(o, Path): return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+# %% ../nbs/00_config.ipynb #f1c815db
+def pid_alive(pid:int,                   # a process id
+              started:float|None=None    # when that process started (epoch seconds), if known
+             ) -> bool:
+    "Whether `pid` is running; given `started`, only if it is that process (not a later one that reuses the pid)."
+    import psutil
+    try: p = psutil.Process(pid)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError): return psutil.pid_exists(pid) if pid > 0 else False
+    if p.status() == psutil.STATUS_ZOMBIE: return False
+    return started is None or p.create_time() <= started + 1
+
+def remove_stale_temporaries(folder:str|Path,        # where `atomic_path` wrote
+                             *, recursive:bool=False # also in every subfolder
+                            ) -> int:                # temporaries removed
+    "Remove the temporaries `atomic_path` left in `folder` when its process was killed (their process is gone, or is this one)."
+    folder, n = Path(folder), 0
+    if not folder.is_dir(): return 0
+    find = folder.rglob if recursive else folder.glob
+    for t in [*find('.*.tmp-*'), *find('.*.old-*')]:
+        pid = t.name.rsplit('-', 1)[1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))): continue
+        shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+        n += 1
+    return n
 
 # %% ../nbs/00_config.ipynb #7d3562da
 def save_params(P:Params, path:str|Path|None=None) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import Params, load_params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl
+from .config import (Params, load_params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
+                             remove_stale_temporaries)
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
@@ -761,19 +762,6 @@ def memory_shortfall(folder:Path,         # the split's folder, for the message
             f"and run again, or use a machine with more memory")
 
 # %% ../nbs/01_data.ipynb #2f8cffd5
-def _alive(pid:int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
-def _remove_leftovers(run_dir:Path):
-    "Remove the temporary folders of interrupted data builds (of processes no longer running)."
-    for d in [*run_dir.glob('.data.tmp-*'), *run_dir.glob('.data.old-*')]:
-        pid = d.name.rsplit('-', 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
-
 def data_complete(data_dir:str|Path, stamp:dict|None=None) -> bool:
     "True when `data_dir` holds a complete dataset (built from `stamp`, when given): summary, classes, every file."
     data_dir = Path(data_dir)
@@ -794,7 +782,7 @@ def run_data(P:Params,           # resolved parameters
     "The data stage: build `<run_dir>/data` from `P`'s source, or keep it when it is complete for the same inputs."
     run_dir = Path(P.run_dir); data = run_dir/'data'
     run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(run_dir)
+    remove_stale_temporaries(run_dir)  # of data builds that were killed
     stamp = source_stamp(P)
     if not force and data_complete(data, stamp):
         summary = read_json(data/'summary.json')

@@ -132,26 +132,20 @@ def prompt_scores(y_true,                 # (N,) true or prompted classes
                   probs,                  # (N, C) the judge's probabilities
                   class_names:list[str]   # names in label order
                  ) -> dict:
-    "Accuracy, macro F1/AUC, per-class precision/recall/F1 and confusion of `probs` against `y_true`, with n."
-    from sklearn.metrics import precision_recall_fscore_support, confusion_matrix, roc_auc_score
-    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    C = len(class_names)
-    if p.ndim != 2 or p.shape != (len(y), C): raise ValueError(f"probs: expected shape ({len(y)}, {C}), got {p.shape}")
+    "Accuracy, macro F1/AUC, per-class precision/recall/F1 and confusion of `probs` against `y_true` (the judge's `score`), with n."
+    from medsynth.classify import score
+    y = np.asarray(y_true, dtype=np.int64)
     out = dict(n=int(len(y)), n_per_class={n: int((y == c).sum()) for c, n in enumerate(class_names)})
+    s = score(y, probs, class_names)
     if not len(y): return {**out, 'accuracy': None, 'macro_f1': None, 'note': 'no images'}
-    pred = p.argmax(1)
-    prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=range(C), zero_division=0)
-    present = sorted(set(y.tolist()))
-    out.update(accuracy=float((pred == y).mean()),
-               macro_f1=float(f1[present].mean()),  # over the classes that were asked for
-               per_class_f1={n: float(f1[c]) for c, n in enumerate(class_names)},
-               per_class_precision={n: float(prec[c]) for c, n in enumerate(class_names)},
-               per_class_recall={n: float(rec[c]) for c, n in enumerate(class_names)},
-               confusion=confusion_matrix(y, pred, labels=range(C)).tolist())
-    if len(present) == C:
-        try: out['macro_auc'] = float(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class='ovr', labels=range(C)))
-        except ValueError as e: out.update(macro_auc=None, macro_auc_note=str(e))
-    else: out.update(macro_auc=None, macro_auc_note=f"only {len(present)} of {C} classes present")
+    out.update(accuracy=s['accuracy'], macro_f1=s['macro_f1'],  # macro F1 over the classes that were asked for
+               per_class_f1=s['per_class_f1'],
+               per_class_precision={n: d['precision'] for n, d in s['per_class'].items()},
+               per_class_recall={n: d['recall'] for n, d in s['per_class'].items()},
+               confusion=s['confusion'])
+    present = int(np.unique(y).size)
+    if present == len(class_names): out['macro_auc'] = s['macro_auc']
+    else: out.update(macro_auc=None, macro_auc_note=f"only {present} of {len(class_names)} classes present")
     return out
 
 # %% ../nbs/06_evaluate.ipynb #f5895e0f

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 from .config import (Params, ParamsError, load_params, read_json, write_json, write_text, atomic_path,
-                             read_jsonl, resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
+                             resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'AUGMENTS', 'LORA_WEIGHTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline',
-           'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'read_train_set',
-           'toy_run_dir', 'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights',
-           'diffusion_loss', 'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint',
-           'train_unet', 'check_images', 'image_grid', 'validation_grid', 'load_base', 'train_resolution', 'fit_images',
-           'finetune_key', 'run_finetune', 'main', 'load_generator']
+           'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'toy_run_dir',
+           'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss',
+           'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint', 'train_unet', 'check_images',
+           'image_grid', 'validation_grid', 'load_base', 'train_resolution', 'fit_images', 'finetune_key',
+           'run_finetune', 'main', 'load_generator']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -205,25 +205,6 @@ def build_sd15_shaped_pipeline(captions:list[str],  # captions for the offline t
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-# %% ../nbs/03_finetune.ipynb #37f3536b
-def read_train_set(run_dir:str|Path,     # the run directory
-                   *, split:str='train',  # which split of data/
-                   resolution:int|None=None  # resize to this square side; None keeps the files' size
-                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    "Images (uint8 N×H×W×3), labels (int64 N) and classes (`classes.json`) of a split of the run directory."
-    data = Path(run_dir)/'data'
-    for f in (data/'classes.json', data/split/'metadata.jsonl'):
-        if not f.exists(): raise FileNotFoundError(f"{f} is missing: run the data stage (01_data) for this run directory first")
-    classes = read_json(data/'classes.json')
-    rows = read_jsonl(data/split/'metadata.jsonl')
-    if not rows: raise ValueError(f"{data/split/'metadata.jsonl'} lists no images")
-    ims = []
-    for r in rows:
-        im = Image.open(data/split/r['file_name']).convert('RGB')
-        if resolution and im.size != (resolution, resolution): im = im.resize((resolution, resolution), Image.BICUBIC)
-        ims.append(np.asarray(im))
-    return np.stack(ims), np.array([r['label'] for r in rows], dtype=np.int64), classes
-
 # %% ../nbs/03_finetune.ipynb #047624b5
 def toy_run_dir(run_dir:str|Path,            # where to write data/
                 *, n_per_class:int=8,         # training images per class
@@ -248,6 +229,8 @@ def toy_run_dir(run_dir:str|Path,            # where to write data/
             Image.fromarray(im.astype(np.uint8)).save(run_dir/'data'/'train'/fn)
             rows.append(dict(file_name=fn, text=c['caption'], label=c['index']))
     write_json(run_dir/'data'/'classes.json', classes)
+    write_json(run_dir/'data'/'summary.json', dict(image_size=[size, size], classes=names,
+                                                  counts={'train': {n: n_per_class for n in names}}))
     (run_dir/'data'/'train'/'metadata.jsonl').write_text(''.join(json.dumps(r)+'\n' for r in rows))
     return run_dir
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, resolve_path,
                              in_colab, mount_drive, save_params, write_json, read_json, resolve_device, resolve_precision,
-                             mixed_precision)
+                             mixed_precision, pid_alive)
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'COLAB_CELL', 'STAGE_FUNCTIONS',
@@ -207,13 +207,6 @@ def stage_state(run_dir:str|Path, stage:str, P:Params, *,
 class RunLocked(PipelineError):
     "Another run is writing the run directory."
 
-def _pid_alive(pid:int, started:float|None=None) -> bool:
-    import psutil
-    try: p = psutil.Process(pid)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError): return psutil.pid_exists(pid) if pid > 0 else False
-    if p.status() == psutil.STATUS_ZOMBIE: return False
-    return started is None or p.create_time() <= started + 1  # a newer process that reuses the pid is not the owner
-
 class RunLock:
     "Exclusive ownership of a run directory while a run writes it (a context manager); the lock file's time is a heartbeat."
     def __init__(self, run_dir:str|Path, *, log=print,
@@ -253,7 +246,7 @@ class RunLock:
                     raise RunLocked(f"{self.path.parent} is being written by a run on host {host} (pid {pid}, started {when}, "
                                     f"alive {age:.0f} s ago); wait for it, or delete {self.path} if no run is active")
                 gone = f"no sign of life for {age/60:.0f} min"
-            elif pid is not None and _pid_alive(int(pid), info.get('started')):
+            elif pid is not None and pid_alive(int(pid), info.get('started')):
                 raise RunLocked(f"{self.path.parent} is being written by another run (pid {pid}, started {when}); "
                                 f"wait for it to finish, or use another --run-dir")
             else: gone = "no longer running"

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path
+from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, remove_stale_temporaries
 
 # %% auto #0
 __all__ = ['VERDICT_KEYS', 'judge', 'candidates_file', 'load_candidates', 'candidate_path', 'commit', 'class_status',
@@ -195,19 +195,6 @@ def _save_png(img:Image.Image, dest:Path):
 
 def _chunks(xs:list, n:int): return [xs[i:i+n] for i in range(0, len(xs), n)]
 
-def _remove_leftovers(run_dir:Path):
-    "Temporary files of writes that were killed half-way (their process is gone)."
-    for folder in ('generated', 'rejected', 'selfcheck'):
-        for f in (run_dir/folder).rglob('.*.tmp-*') if (run_dir/folder).exists() else []:
-            pid = f.name.rsplit('.tmp-', 1)[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)): f.unlink(missing_ok=True)
-
-def _alive(pid:int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 def _judge_pending(run_dir:Path, rows:list[dict], classify_fn, threshold:float, chunk:int) -> int:
     pending = [r for r in rows if 'accepted' not in r]
     for part in _chunks(pending, chunk):
@@ -237,7 +224,7 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
     fresh = state.get('generation_id', generation_id) != generation_id
     if fresh: say("round 0 was generated anew: the self-check starts a new record")
     rows = load_candidates(run_dir, record=not fresh)
-    _remove_leftovers(run_dir)
+    for folder in ('generated', 'rejected', 'selfcheck'): remove_stale_temporaries(run_dir/folder, recursive=True)
     if state.get('judge_id') != judge_id and any('accepted' in r for r in rows):
         say(f"the judge or the threshold changed: re-judging all {len(rows)} candidates")
         rows = [{k: v for k, v in r.items() if k not in VERDICT_KEYS} for r in rows]
