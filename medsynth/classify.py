@@ -263,15 +263,19 @@ def image_files(folder:str|Path) -> list[Path]:
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith('.') for s in p.relative_to(folder).parts))
 
 class _ImageFiles(torch.utils.data.Dataset):
-    "Image files decoded to uint8 3×S×S tensors by the data stage's `read_image` (centre-cropped and resized to S when needed; `size` None: as stored)."
+    "Image files decoded (the data stage's `read_image`) to uint8 3×S×S tensors, resized as `Classifier.prepare` resizes arrays; `size` None: as stored."
     def __init__(self, files, size:int|None): self.files, self.size = [Path(f) for f in files], size
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
         from medsynth.data import read_image, BadImage
-        f = self.files[i]
-        try: a = read_image(f, size=self.size)
+        f, s = self.files[i], self.size
+        try: a = read_image(f)
         except BadImage as e: raise BadImage(f"{f}: {e}") from None
-        return torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
+        if s and tuple(x.shape[1:]) != (s, s):  # files of other sizes can share a batch
+            x = F.interpolate(x[None].float(), size=(s, s), mode='bilinear', antialias=True, align_corners=False)[0]
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        return x
 
 def _dihedral(x:torch.Tensor):
     "The eight flips/rotations of a square batch."
