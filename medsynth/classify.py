@@ -637,7 +637,7 @@ def _write_history(history:list[dict], path:Path):
     write_text(path, buf.getvalue())
 
 def run_classify(P:Params,             # resolved parameters
-                 *, force:bool=False   # retrain even when the classifier is complete
+                 *, force:bool=False   # retrain from epoch 0 even when the classifier is complete or has a checkpoint
                 ) -> dict:             # the metrics (classifier/metrics.json)
     "The classifier stage: train on data/train, select on data/val, score val and test, write `classifier/`."
     from medsynth.data import SPLITS, ImageFiles, load_classes, load_split
@@ -648,6 +648,7 @@ def run_classify(P:Params,             # resolved parameters
         m = read_json(out/'metrics.json')
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
+    if force: (out/'checkpoint.pt').unlink(missing_ok=True)   # an interrupted training is not resumed either
     names = [c['name'] for c in load_classes(run_dir)]
     # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);
     # a split that would not fit stays `ImageFiles`, decoded batch by batch in every epoch

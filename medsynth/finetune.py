@@ -690,7 +690,7 @@ def _write_log_csv(log:list[dict], path:Path):
 
 # %% ../nbs/03_finetune.ipynb #f24ea50e
 def run_finetune(P:Params,                 # resolved parameters
-                 *, force:bool=False,      # retrain even when generator/ is complete for these parameters
+                 *, force:bool=False,      # train from step 0 even when generator/ is complete or has checkpoints
                  progress:bool=True) -> Path:
     "The fine-tuning stage: train the generator of `P` into `<run_dir>/generator/`; resumable. Returns that folder."
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -707,8 +707,8 @@ def run_finetune(P:Params,                 # resolved parameters
     acc = _make_accelerator(P, gdir)
     dev, main = acc.device, acc.is_main_process
     stamp = gdir/'key.json'   # what the checkpoints and cache in gdir were made for
-    if main and stamp.exists() and read_json(stamp).get('key') != key:
-        print("finetune: parameters changed since the last run: starting over")
+    if main and stamp.exists() and (force or read_json(stamp).get('key') != key):
+        print(f"finetune: {'forced' if force else 'parameters changed since the last run'}: starting over")
         for p in ('checkpoints', 'samples', 'base', 'cache.pt', 'pipeline', 'lora', 'generator.json', 'logs'):
             q = gdir/p; shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
     if main: write_json(stamp, dict(key=key))

@@ -158,7 +158,8 @@ def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_cl
     return Path(path)
 
 def run_generate(P:Params,                 # resolved parameters
-                 *, progress:bool=True) -> dict:
+                 *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ go)
+                 progress:bool=True) -> dict:
     "The generation stage: round 0 of `generated/` for `P`, generating only the images that are missing."
     import shutil
     from medsynth.data import load_classes
@@ -169,9 +170,11 @@ def run_generate(P:Params,                 # resolved parameters
     classes = load_classes(run_dir)
     key = generate_key(P, info)
     stamp = out/'generate.json'
-    if stamp.exists() and read_json(stamp).get('key') != key:
-        print("generate: the generator or the sampler settings changed: removing the old generated/ and rejected/")
-        shutil.rmtree(out, ignore_errors=True); shutil.rmtree(run_dir/'rejected', ignore_errors=True)
+    changed = stamp.exists() and read_json(stamp).get('key') != key
+    if changed or (force and out.exists()):
+        print(f"generate: {'the generator or the sampler settings changed' if changed else 'forced'}: "
+              f"removing the old generated/, rejected/ and the self-check's record")
+        for d in (out, run_dir/'rejected', run_dir/'selfcheck'): shutil.rmtree(d, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(stamp, dict(key=key, status='running'))
     plan = plan_round(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))

@@ -13,12 +13,12 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
                              mixed_precision, pid_alive)
 
 # %% auto #0
-__all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'COLAB_CELL', 'STAGE_FUNCTIONS',
-           'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError', 'notebooks_dir', 'stage_notebook_problems',
-           'runner_skips', 'runner_cells', 'new_stage_notebook', 'colab_url', 'colab_badge', 'read_stamp',
-           'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config', 'stage_function',
-           'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage', 'run', 'notebook_rel',
-           'main']
+__all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
+           'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError', 'notebooks_dir',
+           'stage_notebook_problems', 'runner_skips', 'runner_cells', 'new_stage_notebook', 'colab_url', 'colab_badge',
+           'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
+           'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage', 'run',
+           'notebook_rel', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #e045d3fd
 def check(params_file:str,        # a YAML params file
@@ -58,7 +58,9 @@ STAGE_OUTPUTS = {  # what a finished stage leaves in the run directory; a tuple 
 
 PARAMETERS_CELL = ("params_file = None  # a YAML file in params/; None runs the CPU demo's defaults\n"
                    "run_dir = None      # the run directory; None is outputs/<run_name>\n"
-                   "overrides = {}      # key: value pairs that replace the file's")
+                   "overrides = {}      # key: value pairs that replace the file's\n"
+                   "force = False       # redo the stage's work even where it is complete (`medsynth run --force`)")
+STAGE_PARAMETERS = ('params_file', 'run_dir', 'overrides', 'force')  # what the runner passes to every stage notebook
 
 COLAB_CELL = f"""# On Google Colab: install medsynth from its repository (with its params/ and prompts.txt). Elsewhere: nothing.
 import os, sys, subprocess, importlib.util
@@ -98,8 +100,8 @@ def stage_notebook_problems(path:str|Path) -> list[str]:
     if len(params) != 1: out.append(f"{path}: expected one cell tagged `parameters`, found {len(params)}")
     else:
         names = set(re.findall(r'^(\w+)\s*=', params[0].source, flags=re.M))
-        if names != {'params_file', 'run_dir', 'overrides'}:
-            out.append(f"{path}: the `parameters` cell must set exactly params_file, run_dir, overrides (found {sorted(names)})")
+        if names != set(STAGE_PARAMETERS):
+            out.append(f"{path}: the `parameters` cell must set exactly {', '.join(STAGE_PARAMETERS)} (found {sorted(names)})")
     if not any(COLAB_CELL in c.source for c in code[:2]):
         out.append(f"{path}: the first code cell does not contain medsynth.pipeline.COLAB_CELL (the Colab install)")
     return out
@@ -330,7 +332,7 @@ def stage_function(stage:str, entry:str|None=None):
     mod, fn = (entry or STAGE_FUNCTIONS[stage]).split(':')
     return getattr(importlib.import_module(mod), fn)
 
-def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|None=None) -> list[str]:
+def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|None=None, force:bool=False) -> list[str]:
     "The `accelerate launch` command line that runs `stage` in `P.num_processes` processes."
     dev = resolve_device(P.device)
     if dev.type == 'cuda':
@@ -342,13 +344,13 @@ def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|N
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(P.num_processes),
            '--num_machines', '1', '--mixed_precision', mixed_precision(prec), '--dynamo_backend', 'no',
            '-m', 'medsynth.pipeline', 'stage', stage, str(params_path)]
-    return cmd + (['--entry', entry] if entry else [])
+    return cmd + (['--entry', entry] if entry else []) + (['--force'] if force else [])
 
-def launch_stage(stage:str, P:Params, *, entry:str|None=None, log=print, env:dict|None=None) -> Path:
+def launch_stage(stage:str, P:Params, *, entry:str|None=None, force:bool=False, log=print, env:dict|None=None) -> Path:
     "Run `stage` through `accelerate launch` in `P.num_processes` processes; its output goes to a log in the run dir."
     nbdir = Path(P.run_dir)/'notebooks'
     params_path = save_params(P, nbdir/f'{stage}.params.yaml')
-    cmd, logf = accelerate_command(stage, P, params_path, entry=entry), nbdir/f'{stage}.accelerate.log'
+    cmd, logf = accelerate_command(stage, P, params_path, entry=entry, force=force), nbdir/f'{stage}.accelerate.log'
     log(f"      accelerate launch: {P.num_processes} processes; follow them with: tail -f {logf}")
     tail = collections.deque(maxlen=30)
     with open(logf, 'w') as f:
@@ -365,13 +367,14 @@ def launch_stage(stage:str, P:Params, *, entry:str|None=None, log=print, env:dic
     return logf
 
 def stage_main(argv:list[str]) -> int:
-    "`medsynth stage STAGE PARAMS [--run-dir DIR] [--set k=v ...]`: run one stage's function in this process."
+    "`medsynth stage STAGE PARAMS [--run-dir DIR] [--set k=v ...] [--force]`: run one stage's function in this process."
     ap = argparse.ArgumentParser(prog='medsynth stage')
     ap.add_argument('stage', choices=STAGES); ap.add_argument('params')
     ap.add_argument('--run-dir'); ap.add_argument('--set', nargs='*', default=[]); ap.add_argument('--entry', help=argparse.SUPPRESS)
+    ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
     P = load_params(a.params, run_dir=a.run_dir, **parse_sets(a.set))
-    stage_function(a.stage, a.entry)(P)
+    stage_function(a.stage, a.entry)(P, **({'force': True} if a.force else {}))
     if 'torch.distributed' in sys.modules:  # under accelerate launch: leave the process group cleanly (else gloo may abort at exit)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
@@ -428,7 +431,7 @@ def _kernel_manager(folder, log_path, opened:list):
             return await super()._async_launch_kernel(kernel_cmd, **kw)
     return StageKernelManager
 
-def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, overrides:dict,
+def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, overrides:dict, force:bool=False,
                   kernel_name:str='python3', progress:bool=False):
     "Execute the stage notebook `src` with papermill into `out`, in `src`'s folder as Jupyter would (`runner_cells` only)."
     import nbformat, papermill as pm
@@ -436,7 +439,7 @@ def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, over
     nb.cells = runner_cells(nb.cells)
     out.parent.mkdir(parents=True, exist_ok=True)
     td, klog, opened, interrupted = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], False
-    try: pm.execute_notebook(nb, str(out), parameters=dict(params_file=params_file, run_dir=run_dir, overrides=overrides),
+    try: pm.execute_notebook(nb, str(out), parameters=dict(params_file=params_file, run_dir=run_dir, overrides=overrides, force=force),
                              kernel_name=kernel_name, language='python', cwd=str(src.parent), progress_bar=progress, log_output=False,
                              kernel_manager_class=_kernel_manager(td, klog, opened))
     except KeyboardInterrupt: interrupted = True; raise  # the kernel may still be shutting down: leave its sockets be
@@ -535,10 +538,10 @@ def run(params_file:str|Path|None=None,  # a YAML params file; None runs the CPU
             _update_timings(rd, stage, dict(status='running', started=_now(), notebook=str(out)), _MEMORY_NOTE)
             with PeakRSS() as mem:
                 try:
-                    if stage in LAUNCHED_STAGES and P.num_processes > 1:
-                        launch_stage(stage, P, entry=(entries or {}).get(stage), log=log)
+                    launched = stage in LAUNCHED_STAGES and P.num_processes > 1
+                    if launched: launch_stage(stage, P, entry=(entries or {}).get(stage), force=force, log=log)
                     execute_stage(src, out, params_file=params_file, run_dir=str(rd), overrides=overrides,
-                                  kernel_name=kernel_name, progress=progress)
+                                  force=force and not launched, kernel_name=kernel_name, progress=progress)
                 except StageFailed as e: err = e; err.notebook = err.notebook or out
                 except KeyboardInterrupt: raise
                 except Exception as e: err = _from_papermill(stage, e, out, src)

@@ -213,6 +213,7 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
                judge_id:str='',          # identifies judge + threshold; a change re-judges every candidate
                generation_id:str='',     # identifies round 0 (04_generate's key); a change starts the record afresh
                seed_fn=None,             # (label, index, round) -> seed of a replacement (see `plan_round`)
+               force:bool=False,         # re-judge every candidate even when the judge is unchanged
                chunk:int=256,            # images generated / classified at a time
                verbose:bool=True) -> dict:
     "Judge, reject and regenerate until every class has its target or its budget is spent; return the summary."
@@ -225,8 +226,8 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
     if fresh: say("round 0 was generated anew: the self-check starts a new record")
     rows = load_candidates(run_dir, record=not fresh)
     for folder in ('generated', 'rejected', 'selfcheck'): remove_stale_temporaries(run_dir/folder, recursive=True)
-    if state.get('judge_id') != judge_id and any('accepted' in r for r in rows):
-        say(f"the judge or the threshold changed: re-judging all {len(rows)} candidates")
+    if (force or state.get('judge_id') != judge_id) and any('accepted' in r for r in rows):
+        say(f"{'forced' if force else 'the judge or the threshold changed'}: re-judging all {len(rows)} candidates")
         rows = [{k: v for k, v in r.items() if k not in VERDICT_KEYS} for r in rows]
     rows = commit(run_dir, rows)
     if n := _judge_pending(run_dir, rows, classify_fn, accept_threshold, chunk):
@@ -254,7 +255,9 @@ def _sha(path:Path, n:int=16) -> str:
         for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
     return h.hexdigest()[:n]
 
-def run_selfcheck(P:Params) -> dict:
+def run_selfcheck(P:Params,               # resolved parameters
+                  *, force:bool=False    # re-judge every candidate even when the judge is unchanged
+                 ) -> dict:
     "The self-check stage: judge generated/, regenerate the rejected, write selfcheck/ (resumable)."
     from medsynth.config import resolve_device
     from medsynth.data import load_classes
@@ -283,7 +286,7 @@ def run_selfcheck(P:Params) -> dict:
     summary = self_check(rd, [c['name'] for c in classes], generate_fn=generate_fn, classify_fn=classify_fn,
                          accept_threshold=P.accept_threshold, target_per_class=target, max_rounds=P.max_rounds,
                          max_candidates_per_class=P.max_candidates_per_class or 3 * target, judge_id=f"{_sha(weights)}@{P.accept_threshold}",
-                         generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn)
+                         generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn, force=force)
     fig = plot_acceptance(summary)
     with atomic_path(rd/'selfcheck'/'acceptance.png') as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
     plt.close(fig)

@@ -14,13 +14,13 @@ def _outputs(stage):
     return [o[0] if isinstance(o, tuple) else o for o in STAGE_OUTPUTS[stage]]
 
 def stage_code(stage, extra=''):
-    "A toy stage: logs that it ran (with the seed it saw), writes the stage's declared outputs, then `extra`."
+    "A toy stage: logs that it ran (with the seed and force it saw), writes the stage's declared outputs, then `extra`."
     return f"""import os, time, json
 from pathlib import Path
 from medsynth.config import load_params
 P = load_params(params_file, run_dir=run_dir, **overrides)
 rd = Path(P.run_dir)
-with open(rd/'executed.log', 'a') as f: f.write('{stage} seed=' + str(P.seed) + '\\n')
+with open(rd/'executed.log', 'a') as f: f.write('{stage} seed=' + str(P.seed) + ' force=' + str(force) + '\\n')
 for o in {_outputs(stage)!r}:
     (rd/o).parent.mkdir(parents=True, exist_ok=True); (rd/o).write_text('x')
 {extra}"""
@@ -39,7 +39,9 @@ def go(tmp_path, nbs=None, stages=SMALL, **kw):
               notebooks={s: STAGE_NOTEBOOKS[s] for s in stages}, progress=False, log=logs.append, **kw)
     return res, '\n'.join(logs)
 
-def executed(tmp_path): return (tmp_path/'run'/'executed.log').read_text().split()[::2]
+def _log(tmp_path): return [l.split() for l in (tmp_path/'run'/'executed.log').read_text().splitlines()]
+def executed(tmp_path): return [l[0] for l in _log(tmp_path)]
+def forced(tmp_path): return [l[2] == 'force=True' for l in _log(tmp_path)]
 
 def test_git_url_matches_settings():
     cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
@@ -88,7 +90,7 @@ def test_changed_param_reruns_that_stage_and_later(tmp_path):
     res, log = go(tmp_path, overrides={'seed': 3})  # a config key: everything
     assert res == dict(config='ran', data='ran', classify='ran')
     assert executed(tmp_path) == ['config', 'data', 'classify', 'data', 'classify', 'config', 'data', 'classify']
-    assert (tmp_path/'run'/'executed.log').read_text().split()[-1] == 'seed=3'
+    assert _log(tmp_path)[-1][1] == 'seed=3'
 
 def test_only_from_force(tmp_path):
     make_nbs(tmp_path/'nbs', SMALL)
@@ -97,12 +99,14 @@ def test_only_from_force(tmp_path):
     assert go(tmp_path, from_='data')[0] == dict(data='skipped', classify='ran')
     assert go(tmp_path, only='classify', force=True)[0] == dict(classify='ran')
     assert executed(tmp_path) == ['data', 'classify', 'classify']
+    assert forced(tmp_path) == [False, False, True]   # the notebook is told to redo its work only when forced
     # a stage that ran again invalidates the later ones, even with unchanged parameters
     assert go(tmp_path, only='data', force=True)[0] == dict(data='ran')
     assert go(tmp_path)[0] == dict(config='ran', data='ran', classify='ran')  # config had never run: all after it
     assert go(tmp_path, only='data', force=True)[0] == dict(data='ran')
     res, log = go(tmp_path)
     assert res == dict(config='skipped', data='skipped', classify='ran') and 'an earlier stage has run again since' in log
+    assert forced(tmp_path)[-1] is False              # re-run, not forced: the stage keeps what is complete
     with pytest.raises(PipelineError, match='not both'): go(tmp_path, only='data', from_='data')
     with pytest.raises(PipelineError, match='--only finetune: not a stage of this run'): go(tmp_path, only='finetune')
 
@@ -216,14 +220,14 @@ def test_accelerate_passthrough(tmp_path, monkeypatch):
     (tmp_path/'mods').mkdir()
     (tmp_path/'mods'/'accprobe.py').write_text('''import json, os
 from pathlib import Path
-def run_probe(P):
+def run_probe(P, force=False):
     from accelerate import Accelerator
     import torch
     acc = Accelerator(cpu=True)
     w = torch.full((3,), float(acc.process_index))
     w = acc.reduce(w, reduction='mean')   # a collective: both ranks must take part
     Path(P.run_dir, f'rank{acc.process_index}.json').write_text(json.dumps(dict(
-        n=acc.num_processes, rank=acc.process_index, kind=str(acc.distributed_type), w=w.tolist(), np=P.num_processes)))
+        n=acc.num_processes, rank=acc.process_index, kind=str(acc.distributed_type), w=w.tolist(), np=P.num_processes, force=force)))
 ''')
     monkeypatch.setenv('PYTHONPATH', str(tmp_path/'mods') + os.pathsep + os.environ.get('PYTHONPATH', ''))
     stages = ('config', 'finetune')
@@ -238,6 +242,12 @@ def run_probe(P):
     assert ranks[0]['w'] == ranks[1]['w'] == [0.5] * 3  # identical after the all-reduce
     assert (rd/'notebooks'/'finetune.accelerate.log').exists() and (rd/'notebooks'/'finetune.params.yaml').exists()
     assert load_params(rd/'notebooks'/'finetune.params.yaml').num_processes == 2
+    assert not any(r['force'] for r in ranks)
+    # --force reaches the launched processes (`medsynth stage --force`); the notebook after them keeps their work
+    res, log = go(tmp_path, stages=stages, only='finetune', force=True, overrides={'num_processes': 2}, entries={'finetune': 'accprobe:run_probe'})
+    assert res == dict(finetune='ran')
+    assert all(json.loads((rd/f'rank{i}.json').read_text())['force'] for i in range(2))
+    assert executed(tmp_path)[-1] == 'finetune' and forced(tmp_path)[-1] is False
 
 def test_accelerate_failure_is_reported(tmp_path, monkeypatch):
     (tmp_path/'mods').mkdir()

@@ -106,3 +106,9 @@ def test_rejudges_when_the_judge_changes(tmp_path):
     assert s['overall']['accepted'] == 0                 # a judge that is never sure rejects everything
     assert read_jsonl(tmp_path/'generated'/'metadata.jsonl') == []
     assert len(list((tmp_path/'rejected').rglob('*.png'))) == s['overall']['generated'] == 48
+    # the same judge id: the verdicts on record stand; forced, every candidate is judged again
+    s = self_check(tmp_path, NAMES, generate_fn=right, classify_fn=fit_judge(), **LIMITS, judge_id='v2', verbose=False)
+    assert s['overall']['accepted'] == 0
+    s = self_check(tmp_path, NAMES, generate_fn=right, classify_fn=fit_judge(), **LIMITS, judge_id='v2', force=True, verbose=False)
+    assert s['overall']['accepted'] == s['overall']['generated'] == 48
+    assert len(read_jsonl(tmp_path/'generated'/'metadata.jsonl')) == 48 and not list((tmp_path/'rejected').rglob('*.png'))
