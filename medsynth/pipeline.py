@@ -60,7 +60,8 @@ PARAMETERS_CELL = ("params_file = None  # a YAML file in params/; None runs the 
                    "run_dir = None      # the run directory; None is outputs/<run_name>\n"
                    "overrides = {}      # key: value pairs that replace the file's\n"
                    "force = False       # redo the stage's work even where it is complete (`medsynth run --force`)")
-STAGE_PARAMETERS = ('params_file', 'run_dir', 'overrides', 'force')  # what the runner passes to every stage notebook
+def _assigned(source:str) -> list[str]: return re.findall(r'^(\w+)\s*=', source, flags=re.M)
+STAGE_PARAMETERS = tuple(_assigned(PARAMETERS_CELL))  # what the runner passes to every stage notebook
 
 COLAB_CELL = f"""# On Google Colab: install medsynth from its repository (with its params/ and prompts.txt). Elsewhere: nothing.
 import os, sys, subprocess, importlib.util
@@ -99,7 +100,7 @@ def stage_notebook_problems(path:str|Path) -> list[str]:
     params = [c for c in code if 'parameters' in c.metadata.get('tags', [])]
     if len(params) != 1: out.append(f"{path}: expected one cell tagged `parameters`, found {len(params)}")
     else:
-        names = set(re.findall(r'^(\w+)\s*=', params[0].source, flags=re.M))
+        names = set(_assigned(params[0].source))
         if names != set(STAGE_PARAMETERS):
             out.append(f"{path}: the `parameters` cell must set exactly {', '.join(STAGE_PARAMETERS)} (found {sorted(names)})")
     if not any(COLAB_CELL in c.source for c in code[:2]):
