@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 
 # %% auto #0
-__all__ = ['STAGES', 'SCHEMA', 'Param', 'ParamsError', 'coerce', 'Params', 'load_params', 'repo_root', 'resolve_path', 'in_colab',
-           'outputs_root', 'resolve_run_dir', 'mount_drive', 'resolve_device', 'resolve_precision', 'torch_dtype',
-           'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
-           'pid_alive', 'remove_stale_temporaries', 'save_params', 'params_hash', 'schema_table']
+__all__ = ['STAGES', 'SCHEMA', 'Param', 'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'repo_root',
+           'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive', 'resolve_device',
+           'resolve_precision', 'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json',
+           'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'save_params',
+           'fingerprint', 'file_digest', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -180,10 +181,14 @@ _declare(  # evaluate: scores, distances, train-on-synthetic and the report
 class ParamsError(ValueError):
     "A params file or override that does not fit the schema."
 
-def _closest(name:str) -> str:
-    "' (did you mean `x`?)' for the closest schema key, or ''."
-    m = difflib.get_close_matches(name, list(SCHEMA), n=1, cutoff=0.6)
-    return f" (did you mean `{m[0]}`?)" if m else ""
+def did_you_mean(name,             # what the user wrote
+                 options,          # the valid names (any iterable)
+                 *, key:bool=False # format as a `key` (else as a quoted value)
+                ) -> str:
+    "' (did you mean `x`?)' for the closest of `options` to `name`, or '': the hint every error about a name ends with."
+    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    if not m: return ""
+    return f" (did you mean `{m[0]}`?)" if key else f" (did you mean {m[0]!r}?)"
 
 def _to_number(p:Param, v, typ):
     if isinstance(v, bool): raise ParamsError(f"`{p.name}`: expected {p.kind}, got {v!r}")
@@ -228,11 +233,13 @@ class Params(dict):
     "Resolved, typed parameters of a run; keys are attributes too."
     def __getattr__(self, k):
         try: return self[k]
-        except KeyError: raise AttributeError(f"no parameter `{k}`{_closest(k)}") from None
+        except KeyError: raise AttributeError(f"no parameter `{k}`{did_you_mean(k, SCHEMA, key=True)}") from None
     def __setattr__(self, k, v): raise AttributeError("Params are read-only; use `load_params(..., key=value)`")
     def stage_values(self, stage:str) -> dict:
         "The values of the keys `stage` reads."
         return {k: v for k, v in self.items() if SCHEMA[k].stage == stage}
+
+
 
 # %% ../nbs/00_config.ipynb #48b325dd
 def _read_yaml(path:Path) -> dict:
@@ -245,7 +252,7 @@ def _read_yaml(path:Path) -> dict:
 
 def _check_known(d:dict, where:str):
     for k in d:
-        if k not in SCHEMA: raise ParamsError(f"{where}: unknown key `{k}`{_closest(str(k))}")
+        if k not in SCHEMA: raise ParamsError(f"{where}: unknown key `{k}`{did_you_mean(k, SCHEMA, key=True)}")
 
 def load_params(path:str|Path|None=None,  # a YAML params file; None takes the defaults (the CPU demo)
                 **overrides) -> Params:    # values that replace the file's (`None` overrides are ignored)
@@ -378,9 +385,19 @@ def write_jsonl(path:str|Path, rows):
     "Write one JSON object per line to `path` atomically."
     write_text(path, ''.join(json.dumps(r, default=_json_default) + '\n' for r in rows))
 
-def read_jsonl(path:str|Path) -> list[dict]:
-    "Read a JSON-lines file (empty lines are skipped)."
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+def read_jsonl(path:str|Path, *, missing_ok:bool=False) -> list[dict]:
+    "Read a JSON-lines file (empty lines are skipped); with `missing_ok`, a missing file reads as no rows."
+    path = Path(path)
+    if missing_ok and not path.exists(): return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+def save_png(img,                 # a PIL image, or a uint8 H×W×3 array
+             dest:str|Path) -> Path:
+    "Save `img` as an RGB PNG at `dest`, atomically."
+    from PIL import Image
+    if not isinstance(img, Image.Image): img = Image.fromarray(img)
+    with atomic_path(dest) as tmp: img.convert('RGB').save(tmp, format='PNG')
+    return Path(dest)
 
 def _json_default(o):
     if hasattr(o, 'item'): return o.item()      # numpy / torch scalars
@@ -420,11 +437,21 @@ def save_params(P:Params, path:str|Path|None=None) -> Path:
     write_text(path, yaml.safe_dump(dict(P), sort_keys=False))
     return path
 
+def fingerprint(obj) -> str:
+    "16 hex digits of the sha256 of `obj` as canonical JSON (sorted keys; what JSON lacks, as `str`): the run directory's one fingerprint."
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def file_digest(path:str|Path) -> str:
+    "16 hex digits of the sha256 of a file's bytes, read a MiB at a time."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()[:16]
+
 def params_hash(P:Params, stage:str) -> str:
     "A short fingerprint of the values read by `stage` and every stage before it (run naming excluded)."
     upto = STAGES[:STAGES.index(stage)+1]
-    vals = {k: v for k, v in P.items() if SCHEMA[k].stage in upto and k not in ('run_name','run_dir','num_workers')}
-    return hashlib.sha256(json.dumps(vals, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint({k: v for k, v in P.items() if SCHEMA[k].stage in upto and k not in ('run_name','run_dir','num_workers')})
 
 # %% ../nbs/00_config.ipynb #6f563dac
 def schema_table(stage:str|None=None) -> str:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c7d71f6d
 from __future__ import annotations
-import os, csv, json, time, shutil, difflib, hashlib, zipfile
+import os, csv, json, time, shutil, zipfile
 from dataclasses import dataclass, field
 from collections import Counter
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 from .config import (Params, load_params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
-                             remove_stale_temporaries)
+                             remove_stale_temporaries, did_you_mean, fingerprint, file_digest)
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
@@ -32,10 +32,6 @@ PATHMNIST_CLASSES = ['adipose', 'background', 'debris', 'lymphocytes', 'mucus', 
 class DataError(ValueError):
     "A source, prompts file or image that the data stage cannot use; the message says which and what to do."
 
-def _did_you_mean(name:str, options) -> str:
-    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
 def medmnist_classes(flag:str # a MedMNIST 2D dataset flag, e.g. 'pathmnist'
                     ) -> list[str]:
     "The class names of MedMNIST dataset `flag` in label order (pathmnist's built in, others from `medmnist.INFO`)."
@@ -46,7 +42,7 @@ def medmnist_classes(flag:str # a MedMNIST 2D dataset flag, e.g. 'pathmnist'
                         f"the medmnist package's INFO: `pip install medmnist`") from None
     info = medmnist.INFO.get(flag)
     if info is None:
-        raise DataError(f"`medmnist_flag`: unknown MedMNIST dataset {flag!r}{_did_you_mean(flag, medmnist.INFO)}")
+        raise DataError(f"`medmnist_flag`: unknown MedMNIST dataset {flag!r}{did_you_mean(flag, medmnist.INFO)}")
     if '3d' in flag: raise DataError(f"`medmnist_flag: {flag}`: a 3D dataset; medsynth reads 2D datasets only")
     if info['task'].startswith('multi-label'):
         raise DataError(f"`medmnist_flag: {flag}`: a multi-label dataset ({info['task']}); medsynth needs one class per image")
@@ -79,7 +75,7 @@ def read_prompts(path:str|Path,       # the prompts file (`prompts_file`)
         else: raise DataError(f"{path}:{no}: expected `class name: caption`, got {s!r}")
         if name not in classes:
             raise DataError(f"{path}:{no}: caption for class {name!r}, which the dataset does not have"
-                            f"{_did_you_mean(name, classes)}; its classes are: {', '.join(classes)}")
+                            f"{did_you_mean(name, classes)}; its classes are: {', '.join(classes)}")
         if name in caps:
             raise DataError(f"{path}:{no}: a second caption for class {name!r} (the first is on line {line_of[name]})")
         if not cap: raise DataError(f"{path}:{no}: empty caption for class {name!r}")
@@ -115,6 +111,7 @@ def _smooth(rng, n:int, size:int, cells:int, octaves:int=2) -> np.ndarray:
     lo, hi = out.min((1, 2), keepdims=True), out.max((1, 2), keepdims=True)
     return (out - lo) / (hi - lo + 1e-6)
 
+# %% ../nbs/01_data.ipynb #7f413eaa
 def _stripes(rng, n:int, size:int, freq:float, warp:float) -> np.ndarray:
     "Parallel wavy bands in [0,1], (n,S,S): `freq` bands across, a random angle and phase per image."
     y, x = _grid(size)
@@ -152,6 +149,7 @@ def _round_glands(rng, n:int, size:int) -> np.ndarray:
     d = np.sqrt((y[None, :, :, None] - c[:, None, None, :, 0])**2 + (x[None, :, :, None] - c[:, None, None, :, 1])**2)
     return (d / r[:, None, None, :]).min(-1)
 
+# %% ../nbs/01_data.ipynb #43fee483
 def _paint(img:np.ndarray, rgb, t:np.ndarray) -> np.ndarray:
     "Blend `img` (n,S,S,3) towards colour `rgb` by weight `t` (n,S,S)."
     return img + (np.asarray(rgb, np.float32) - img) * t[..., None]
@@ -269,6 +267,7 @@ def _npy_header(f, where:str) -> tuple[tuple, np.dtype, bool]:
     except Exception as e: raise DataError(f"{where}: not a readable .npy array ({type(e).__name__}: {e})") from None
     return shape, dtype, fortran
 
+# %% ../nbs/01_data.ipynb #67778414
 class NpzImages:
     "The arrays `keys` of a `.npz`, end to end, as a sequence of images: read a chunk at a time, never loaded whole."
     CHUNK_BYTES = 64 << 20                         # the default chunk
@@ -323,6 +322,7 @@ class NpzImages:
         if self._zip is not None: self._f.close(); self._zip.close()
         self._zip = self._f = None; self._part = -1
 
+# %% ../nbs/01_data.ipynb #8e6ca3f0
 def read_medmnist_npz(path:str|Path,              # a .npz in MedMNIST's key layout
                       *, flag:str='pathmnist',     # which MedMNIST dataset (names the classes)
                       classes:list[str]|None=None  # class names; default: those of `flag`
@@ -366,7 +366,7 @@ def download_medmnist(flag:str, *, size:int=28, root:str|Path|None=None) -> Path
         raise DataError(f"source: medmnist without `medmnist_npz`: downloading {flag!r} needs the medmnist package, which "
                         f"is not installed; {hint}, or `pip install medmnist` on a machine that is online") from None
     info = medmnist.INFO.get(flag)
-    if info is None: raise DataError(f"`medmnist_flag`: unknown MedMNIST dataset {flag!r}{_did_you_mean(flag, medmnist.INFO)}")
+    if info is None: raise DataError(f"`medmnist_flag`: unknown MedMNIST dataset {flag!r}{did_you_mean(flag, medmnist.INFO)}")
     root = Path(root or Path.home()/'.medmnist'); root.mkdir(parents=True, exist_ok=True)
     try: getattr(medmnist, info['python_class'])(split='train', download=True, root=str(root), **({} if size == 28 else {'size': size}))
     except Exception as e:
@@ -429,7 +429,7 @@ def list_csv(csv_file:str|Path,                   # the CSV file
         cols = rd.fieldnames or []
         for key, col in (('csv_path_column', path_column), ('csv_label_column', label_column)):
             if col not in cols:
-                raise DataError(f"{csv_file}: no column {col!r} (`{key}`){_did_you_mean(col, cols)}; its columns: {', '.join(cols)}")
+                raise DataError(f"{csv_file}: no column {col!r} (`{key}`){did_you_mean(col, cols)}; its columns: {', '.join(cols)}")
         rows = list(rd)
     if not rows: raise DataError(f"{csv_file}: no rows")
     rroot, paths, names = root.resolve(), [], []
@@ -476,11 +476,8 @@ def _stat(p:Path) -> list:
     except OSError: return [p.name, None, None]
 
 def _tree_stamp(root:Path) -> str:
-    "A hash of the relative paths, sizes and modification times of every file under `root`."
-    h = hashlib.sha256()
-    if root.is_dir():
-        for f in _files_under(root): h.update(json.dumps([str(f.relative_to(root))] + _stat(f)[1:]).encode())
-    return h.hexdigest()[:16]
+    "A fingerprint of the relative paths, sizes and modification times of every file under `root`."
+    return fingerprint([[str(f.relative_to(root))] + _stat(f)[1:] for f in _files_under(root)] if root.is_dir() else [])
 
 def source_stamp(P:Params) -> dict:
     "The parameters and file stamps that determine the dataset `P` builds (a re-run compares them)."
@@ -489,7 +486,7 @@ def source_stamp(P:Params) -> dict:
              'imagefolder': [], 'csv': ['csv_path_column', 'csv_label_column']}[P.source]
     st = {k: P[k] for k in keys}
     pf = Path(P.prompts_file)
-    st['prompts'] = hashlib.sha256(pf.read_bytes()).hexdigest()[:16] if pf.is_file() else None
+    st['prompts'] = file_digest(pf) if pf.is_file() else None
     if P.source == 'phantom': st['phantom_version'] = PHANTOM_VERSION
     if P.source == 'medmnist': st['npz'] = _stat(Path(P.medmnist_npz)) if P.medmnist_npz else 'download'
     if P.source == 'csv':
@@ -497,6 +494,8 @@ def source_stamp(P:Params) -> dict:
         st['tree'] = _tree_stamp(Path(P.data_root) if P.data_root else Path(P.csv_file).parent) if P.csv_file else None
     if P.source == 'imagefolder': st['tree'] = _tree_stamp(Path(P.data_root)) if P.data_root else None
     return st
+
+
 
 # %% ../nbs/01_data.ipynb #ebf3ccfe
 def split_indices(labels:np.ndarray,            # int labels, one per image
@@ -542,6 +541,8 @@ def assign_splits(src:Source, *, val_fraction:float, test_fraction:float, seed:i
         tr = np.flatnonzero(out == 'train')
         out[tr] = split_indices(src.labels[tr], val_fraction=fr['val'], test_fraction=fr['test'], seed=seed, classes=src.classes)
     return out
+
+
 
 # %% ../nbs/01_data.ipynb #a9ade242
 class BadImage(DataError):
@@ -594,6 +595,8 @@ def common_size(src:Source, idx) -> tuple[int, int]:
             except Exception: pass
     return sizes.most_common(1)[0][0] if sizes else (0, 0)
 
+
+
 # %% ../nbs/01_data.ipynb #41b77d2d
 def _check_classes_present(classes, labels, splits, *, skipped:int=0):
     for s in SPLITS:
@@ -606,6 +609,7 @@ def _check_classes_present(classes, labels, splits, *, skipped:int=0):
             raise DataError(f"class {gone[0]!r} has no images in the {s} split{why}: an empty class; "
                             f"add images of it, or remove the class from the source and prompts file")
 
+# %% ../nbs/01_data.ipynb #b884fb63
 def build_dataset(P:Params,                # resolved parameters (the `data` keys)
                   dest:str|Path,           # an empty or missing folder; becomes the dataset
                   *, stamp:dict|None=None  # `source_stamp(P)`, recorded in the summary
@@ -655,6 +659,9 @@ def build_dataset(P:Params,                # resolved parameters (the `data` key
     write_json(dest/'summary.json', summary)
     return summary
 
+
+
+
 # %% ../nbs/01_data.ipynb #8dd4e858
 def plot_class_balance(counts:dict,               # {split: {class name: images}}
                        *, path:str|Path|None=None # save the figure here as PNG
@@ -693,6 +700,8 @@ def plot_samples(data_dir:str|Path,             # a dataset folder (`<run_dir>/d
         shown.append(read_images([data_dir/split/files[j] for j in pick]) if files else np.zeros((0, 1, 1, 3), np.uint8))
     return plot_montage(shown, classes, path=path, title=f"{split}: {per_class} samples per class")
 
+
+
 # %% ../nbs/01_data.ipynb #590c20bc
 def load_classes(run_dir:str|Path) -> list[dict]:
     "The classes of a run's dataset in label order: `[{'index', 'name', 'caption'}, ...]`."
@@ -700,6 +709,7 @@ def load_classes(run_dir:str|Path) -> list[dict]:
     if not f.is_file(): raise DataError(f"{f}: not found; run the data stage first (`run_data(P)` or nbs/01_data.ipynb)")
     return read_json(f)
 
+# %% ../nbs/01_data.ipynb #4eb60332
 def read_images(src,                       # a list of image files, or a folder (its metadata.jsonl order, else its PNGs)
                 *, size:int|None=None,     # resize every image to size×size
                 progress:bool|None=None    # show a progress bar (default: for more than 2,000 images)
@@ -745,6 +755,7 @@ def load_split(run_dir:str|Path,      # the run directory
     if short: raise DataError(short)
     return read_images(files), y
 
+# %% ../nbs/01_data.ipynb #39d9dcd1
 def memory_shortfall(folder:Path,         # the split's folder, for the message
                      labels:np.ndarray,   # its labels
                      h:int, w:int,        # its image size
@@ -797,3 +808,5 @@ def run_data(P:Params,           # resolved parameters
         for r in summary['skipped'][:10]: print(f"  {r['file']}: {r['reason']}")
         if len(summary['skipped']) > 10: print(f"  ... and {len(summary['skipped']) - 10} more")
     return summary
+
+
