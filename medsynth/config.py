@@ -11,11 +11,11 @@ from typing import Any
 import yaml
 
 # %% auto #0
-__all__ = ['STAGES', 'SCHEMA', 'Param', 'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'repo_root',
-           'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive', 'resolve_device',
-           'resolve_precision', 'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json',
-           'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'save_params',
-           'fingerprint', 'file_digest', 'params_hash', 'schema_table']
+__all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive',
+           'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'resolve_device', 'resolve_precision',
+           'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl',
+           'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'save_params', 'fingerprint',
+           'file_digest', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -177,6 +177,45 @@ _declare(  # evaluate: scores, distances, train-on-synthetic and the report
     Param('report_format', 'str', 'html', "report/index.html, report/report.md, or both", stage='evaluate', choices=('html','md','both')),
 )
 
+# %% ../nbs/00_config.ipynb #91266af7
+def repo_root() -> Path|None:
+    "The medsynth checkout this package runs from (the folder with `settings.ini` and `nbs/`), or None."
+    pkg = Path(globals()['__file__']).resolve().parent.parent if '__file__' in globals() else Path.cwd().resolve()
+    for d in (pkg, Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        if (d/'settings.ini').exists() and (d/'nbs').is_dir() and (d/'medsynth').is_dir(): return d
+    return None
+
+def resolve_path(p:str|Path) -> Path:
+    "An absolute path: `~` expanded, relative paths taken from the repository root (else the current directory)."
+    p = Path(os.path.expandvars(str(p))).expanduser()
+    if p.is_absolute(): return p
+    return ((repo_root() or Path.cwd()) / p).resolve()
+
+# %% ../nbs/00_config.ipynb #5218a983
+def in_colab() -> bool:
+    "True inside Google Colab, a papermill kernel on Colab included."
+    return 'google.colab' in sys.modules or any(k.startswith('COLAB_') for k in os.environ)
+
+def outputs_root(*, use_drive:bool=False, drive_dir:str='/content/drive/MyDrive/medsynth') -> Path:
+    "Where run directories go: `outputs/` in the checkout (or cwd), or on Drive when on Colab with `use_drive`."
+    if use_drive and in_colab(): return Path(drive_dir)/'outputs'
+    return (repo_root() or Path.cwd())/'outputs'
+
+def resolve_run_dir(run_name:str, run_dir:str|None=None, **kw) -> Path:
+    "The run directory: `run_dir` if given, else `<outputs root>/<run_name>`."
+    if run_dir: return resolve_path(run_dir)
+    return outputs_root(**kw)/run_name
+
+# %% ../nbs/00_config.ipynb #1e46d58e
+def mount_drive(P:Params):
+    "On Colab with `use_drive`: mount Drive and point the Hugging Face cache at it. Elsewhere: nothing."
+    if not (P.use_drive and in_colab()): return
+    from google.colab import drive  # only exists on Colab
+    if not Path('/content/drive/MyDrive').exists(): drive.mount('/content/drive')
+    cache = P.hf_cache or str(Path(P.drive_dir)/'hf_cache')
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault('HF_HOME', cache)
+
 # %% ../nbs/00_config.ipynb #39b2a092
 class ParamsError(ValueError):
     "A params file or override that does not fit the schema."
@@ -275,44 +314,7 @@ def load_params(path:str|Path|None=None,  # a YAML params file; None takes the d
     vals['run_dir'] = str(resolve_run_dir(vals['run_name'], vals['run_dir'], use_drive=vals['use_drive'], drive_dir=vals['drive_dir']))
     return Params(vals)
 
-# %% ../nbs/00_config.ipynb #91266af7
-def repo_root() -> Path|None:
-    "The medsynth checkout this package runs from (the folder with `settings.ini` and `nbs/`), or None."
-    pkg = Path(globals()['__file__']).resolve().parent.parent if '__file__' in globals() else Path.cwd().resolve()
-    for d in (pkg, Path.cwd().resolve(), *Path.cwd().resolve().parents):
-        if (d/'settings.ini').exists() and (d/'nbs').is_dir() and (d/'medsynth').is_dir(): return d
-    return None
 
-def resolve_path(p:str|Path) -> Path:
-    "An absolute path: `~` expanded, relative paths taken from the repository root (else the current directory)."
-    p = Path(os.path.expandvars(str(p))).expanduser()
-    if p.is_absolute(): return p
-    return ((repo_root() or Path.cwd()) / p).resolve()
-
-# %% ../nbs/00_config.ipynb #5218a983
-def in_colab() -> bool:
-    "True inside Google Colab, a papermill kernel on Colab included."
-    return 'google.colab' in sys.modules or any(k.startswith('COLAB_') for k in os.environ)
-
-def outputs_root(*, use_drive:bool=False, drive_dir:str='/content/drive/MyDrive/medsynth') -> Path:
-    "Where run directories go: `outputs/` in the checkout (or cwd), or on Drive when on Colab with `use_drive`."
-    if use_drive and in_colab(): return Path(drive_dir)/'outputs'
-    return (repo_root() or Path.cwd())/'outputs'
-
-def resolve_run_dir(run_name:str, run_dir:str|None=None, **kw) -> Path:
-    "The run directory: `run_dir` if given, else `<outputs root>/<run_name>`."
-    if run_dir: return resolve_path(run_dir)
-    return outputs_root(**kw)/run_name
-
-# %% ../nbs/00_config.ipynb #1e46d58e
-def mount_drive(P:Params):
-    "On Colab with `use_drive`: mount Drive and point the Hugging Face cache at it. Elsewhere: nothing."
-    if not (P.use_drive and in_colab()): return
-    from google.colab import drive  # only exists on Colab
-    if not Path('/content/drive/MyDrive').exists(): drive.mount('/content/drive')
-    cache = P.hf_cache or str(Path(P.drive_dir)/'hf_cache')
-    Path(cache).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault('HF_HOME', cache)
 
 # %% ../nbs/00_config.ipynb #311fdd06
 def resolve_device(name:str|None='auto'):

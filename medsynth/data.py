@@ -19,8 +19,8 @@ __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'Data
            'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'NpzImages',
            'read_medmnist_npz', 'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source',
            'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size',
-           'build_dataset', 'plot_class_balance', 'plot_samples', 'load_classes', 'read_images', 'ImageFiles',
-           'load_split', 'memory_shortfall', 'data_complete', 'run_data']
+           'read_images', 'plot_class_balance', 'plot_samples', 'build_dataset', 'load_classes', 'memory_shortfall',
+           'ImageFiles', 'load_split', 'data_complete', 'run_data']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -220,6 +220,8 @@ def phantom_dataset(n_per_class:int, *, size:int=32, seed:int=0) -> tuple[np.nda
     x = np.concatenate([phantom_images(c, n_per_class, size=size, seed=seed) for c in range(len(_PHANTOM_DRAW))])
     return x, np.repeat(np.arange(len(_PHANTOM_DRAW), dtype=np.int64), n_per_class)
 
+
+
 # %% ../nbs/01_data.ipynb #4696bf85
 def plot_montage(rows:list[np.ndarray],  # per class, uint8 (k,H,W,3) images (k may differ)
                  names:list[str],         # row labels
@@ -256,6 +258,8 @@ class Source:
     ignored:list[str]=field(default_factory=list)  # files found that are not images (listed, not read)
     description:str=''             # one line: what this source is
     def __len__(self): return len(self.labels)
+
+
 
 # %% ../nbs/01_data.ipynb #70b37eca
 def _npy_header(f, where:str) -> tuple[tuple, np.dtype, bool]:
@@ -321,6 +325,8 @@ class NpzImages:
     def close(self):
         if self._zip is not None: self._f.close(); self._zip.close()
         self._zip = self._f = None; self._part = -1
+
+
 
 # %% ../nbs/01_data.ipynb #8e6ca3f0
 def read_medmnist_npz(path:str|Path,              # a .npz in MedMNIST's key layout
@@ -597,6 +603,66 @@ def common_size(src:Source, idx) -> tuple[int, int]:
 
 
 
+# %% ../nbs/01_data.ipynb #99796a36
+def read_images(src,                       # a list of image files, or a folder (its metadata.jsonl order, else its PNGs)
+                *, size:int|None=None,     # resize every image to size×size
+                progress:bool|None=None    # show a progress bar (default: for more than 2,000 images)
+               ) -> np.ndarray:            # uint8 (N,H,W,3)
+    "Image files as one RGB uint8 array; without `size` they must all have one size."
+    if isinstance(src, (str, Path)):
+        folder = Path(src)
+        meta = folder/'metadata.jsonl'
+        src = [folder/r['file_name'] for r in read_jsonl(meta)] if meta.is_file() else sorted(folder.rglob('*.png'))
+    src = list(src)
+    if not src: return np.zeros((0, size or 0, size or 0, 3), np.uint8)
+    out = None
+    for i, f in enumerate(tqdm(src, desc="reading images", unit='img', disable=not (progress or (progress is None and len(src) > 2000)))):
+        try: a = read_image(f, size=size, expected=None if out is None or size else (out.shape[2], out.shape[1]))
+        except BadImage as e: raise DataError(f"{f}: {e}") from None
+        if out is None: out = np.empty((len(src), *a.shape), np.uint8)
+        out[i] = a
+    return out
+
+# %% ../nbs/01_data.ipynb #8dd4e858
+def plot_class_balance(counts:dict,               # {split: {class name: images}}
+                       *, path:str|Path|None=None # save the figure here as PNG
+                      ):
+    "A horizontal bar chart of images per class, one bar per split; returns the `Figure`."
+    from matplotlib.figure import Figure
+    classes = list(next(iter(counts.values())))
+    fig = Figure(figsize=(8, 1.2 + 0.45 * len(classes)), dpi=100)
+    ax = fig.add_subplot()
+    h = 0.8 / len(counts)
+    for j, (s, cs) in enumerate(counts.items()):
+        ys = np.arange(len(classes)) + (j - (len(counts) - 1) / 2) * h
+        bars = ax.barh(ys, [cs[c] for c in classes], height=h, label=f"{s} ({sum(cs.values())})")
+        ax.bar_label(bars, fontsize=7, padding=2)
+    ax.set_yticks(np.arange(len(classes)), classes); ax.invert_yaxis()
+    ax.set_xlabel("images"); ax.set_title("class balance per split")
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, bbox_inches='tight')
+    return fig
+
+def plot_samples(data_dir:str|Path,             # a dataset folder (`<run_dir>/data`)
+                 *, split:str='train',          # which split to sample
+                 per_class:int=8,               # images per class
+                 seed:int=0,                    # which images
+                 path:str|Path|None=None        # save the figure here as PNG
+                ):
+    "A montage of `per_class` random images of each class of one split; returns the `Figure`."
+    data_dir = Path(data_dir)
+    classes = [c['name'] for c in read_json(data_dir/'classes.json')]
+    rows = read_jsonl(data_dir/split/'metadata.jsonl')
+    rng, shown = np.random.default_rng(seed), []
+    for i in range(len(classes)):
+        files = [r['file_name'] for r in rows if r['label'] == i]
+        pick = sorted(rng.choice(len(files), min(per_class, len(files)), replace=False)) if files else []
+        shown.append(read_images([data_dir/split/files[j] for j in pick]) if files else np.zeros((0, 1, 1, 3), np.uint8))
+    return plot_montage(shown, classes, path=path, title=f"{split}: {per_class} samples per class")
+
+
+
 # %% ../nbs/01_data.ipynb #41b77d2d
 def _check_classes_present(classes, labels, splits, *, skipped:int=0):
     for s in SPLITS:
@@ -662,45 +728,6 @@ def build_dataset(P:Params,                # resolved parameters (the `data` key
 
 
 
-# %% ../nbs/01_data.ipynb #8dd4e858
-def plot_class_balance(counts:dict,               # {split: {class name: images}}
-                       *, path:str|Path|None=None # save the figure here as PNG
-                      ):
-    "A horizontal bar chart of images per class, one bar per split; returns the `Figure`."
-    from matplotlib.figure import Figure
-    classes = list(next(iter(counts.values())))
-    fig = Figure(figsize=(8, 1.2 + 0.45 * len(classes)), dpi=100)
-    ax = fig.add_subplot()
-    h = 0.8 / len(counts)
-    for j, (s, cs) in enumerate(counts.items()):
-        ys = np.arange(len(classes)) + (j - (len(counts) - 1) / 2) * h
-        bars = ax.barh(ys, [cs[c] for c in classes], height=h, label=f"{s} ({sum(cs.values())})")
-        ax.bar_label(bars, fontsize=7, padding=2)
-    ax.set_yticks(np.arange(len(classes)), classes); ax.invert_yaxis()
-    ax.set_xlabel("images"); ax.set_title("class balance per split")
-    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    if path is not None: fig.savefig(path, bbox_inches='tight')
-    return fig
-
-def plot_samples(data_dir:str|Path,             # a dataset folder (`<run_dir>/data`)
-                 *, split:str='train',          # which split to sample
-                 per_class:int=8,               # images per class
-                 seed:int=0,                    # which images
-                 path:str|Path|None=None        # save the figure here as PNG
-                ):
-    "A montage of `per_class` random images of each class of one split; returns the `Figure`."
-    data_dir = Path(data_dir)
-    classes = [c['name'] for c in read_json(data_dir/'classes.json')]
-    rows = read_jsonl(data_dir/split/'metadata.jsonl')
-    rng, shown = np.random.default_rng(seed), []
-    for i in range(len(classes)):
-        files = [r['file_name'] for r in rows if r['label'] == i]
-        pick = sorted(rng.choice(len(files), min(per_class, len(files)), replace=False)) if files else []
-        shown.append(read_images([data_dir/split/files[j] for j in pick]) if files else np.zeros((0, 1, 1, 3), np.uint8))
-    return plot_montage(shown, classes, path=path, title=f"{split}: {per_class} samples per class")
-
-
 
 # %% ../nbs/01_data.ipynb #590c20bc
 def load_classes(run_dir:str|Path) -> list[dict]:
@@ -709,26 +736,26 @@ def load_classes(run_dir:str|Path) -> list[dict]:
     if not f.is_file(): raise DataError(f"{f}: not found; run the data stage first (`run_data(P)` or nbs/01_data.ipynb)")
     return read_json(f)
 
-# %% ../nbs/01_data.ipynb #4eb60332
-def read_images(src,                       # a list of image files, or a folder (its metadata.jsonl order, else its PNGs)
-                *, size:int|None=None,     # resize every image to size×size
-                progress:bool|None=None    # show a progress bar (default: for more than 2,000 images)
-               ) -> np.ndarray:            # uint8 (N,H,W,3)
-    "Image files as one RGB uint8 array; without `size` they must all have one size."
-    if isinstance(src, (str, Path)):
-        folder = Path(src)
-        meta = folder/'metadata.jsonl'
-        src = [folder/r['file_name'] for r in read_jsonl(meta)] if meta.is_file() else sorted(folder.rglob('*.png'))
-    src = list(src)
-    if not src: return np.zeros((0, size or 0, size or 0, 3), np.uint8)
-    out = None
-    for i, f in enumerate(tqdm(src, desc="reading images", unit='img', disable=not (progress or (progress is None and len(src) > 2000)))):
-        try: a = read_image(f, size=size, expected=None if out is None or size else (out.shape[2], out.shape[1]))
-        except BadImage as e: raise DataError(f"{f}: {e}") from None
-        if out is None: out = np.empty((len(src), *a.shape), np.uint8)
-        out[i] = a
-    return out
+# %% ../nbs/01_data.ipynb #39d9dcd1
+def memory_shortfall(folder:Path,         # the split's folder, for the message
+                     labels:np.ndarray,   # its labels
+                     h:int, w:int,        # its image size
+                     *, available:int|None=None  # bytes of free memory (default: what the OS says)
+                    ) -> str|None:
+    "Why a split cannot be decoded into memory (more than half of what is free: a stage copies it once), or None."
+    import psutil
+    need = len(labels) * h * w * 3
+    available = psutil.virtual_memory().available if available is None else available
+    if need <= available / 2: return None
+    per_class = max(1, int(np.bincount(labels).max() * available / 2 / need))
+    return (f"{folder}: {len(labels):,} images of {w}x{h} px are {need / 2**30:.1f} GB decoded, and this machine has "
+            f"{available / 2**30:.1f} GB of memory free (the stage reads the split whole, and copies it once). "
+            f"Set `max_per_class` (at most that many images per class and split; here about {per_class:,} fit) "
+            f"and run again, or use a machine with more memory")
 
+
+
+# %% ../nbs/01_data.ipynb #4eb60332
 class ImageFiles:
     "A split's image files as a read-only uint8 (N,H,W,3) array whose images are decoded when taken (`[i]`, `[i:j]`)."
     def __init__(self, files:list[Path], h:int, w:int): self.files, self.shape = list(files), (len(files), h, w, 3)
@@ -754,23 +781,6 @@ def load_split(run_dir:str|Path,      # the run directory
     if lazy or (short and lazy is None): return ImageFiles(files, h, w), y
     if short: raise DataError(short)
     return read_images(files), y
-
-# %% ../nbs/01_data.ipynb #39d9dcd1
-def memory_shortfall(folder:Path,         # the split's folder, for the message
-                     labels:np.ndarray,   # its labels
-                     h:int, w:int,        # its image size
-                     *, available:int|None=None  # bytes of free memory (default: what the OS says)
-                    ) -> str|None:
-    "Why a split cannot be decoded into memory (more than half of what is free: a stage copies it once), or None."
-    import psutil
-    need = len(labels) * h * w * 3
-    available = psutil.virtual_memory().available if available is None else available
-    if need <= available / 2: return None
-    per_class = max(1, int(np.bincount(labels).max() * available / 2 / need))
-    return (f"{folder}: {len(labels):,} images of {w}x{h} px are {need / 2**30:.1f} GB decoded, and this machine has "
-            f"{available / 2**30:.1f} GB of memory free (the stage reads the split whole, and copies it once). "
-            f"Set `max_per_class` (at most that many images per class and split; here about {per_class:,} fit) "
-            f"and run again, or use a machine with more memory")
 
 # %% ../nbs/01_data.ipynb #2f8cffd5
 def data_complete(data_dir:str|Path, stamp:dict|None=None) -> bool:

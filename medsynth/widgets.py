@@ -13,6 +13,9 @@ from PIL import Image
 import ipywidgets as W
 from .config import read_jsonl, load_params, resolve_device
 from .data import load_classes
+from .classify import load_classifier, predict
+from .selfcheck import judge
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['run_generator', 'run_judge', 'Verdict', 'make_verdict', 'png_bytes', 'Explorer']
@@ -31,9 +34,8 @@ class _StepProgress:
 def _sampler_defaults(run_dir:Path) -> dict:
     "The sampler settings round 0 of the run recorded (steps, guidance_scale, scheduler, ...), or {}."
     for f in ('generated/metadata.jsonl', 'rejected/metadata.jsonl'):
-        p = run_dir/f
-        if p.exists():
-            rows = read_jsonl(p)
+        rows = read_jsonl(run_dir/f, missing_ok=True)
+        if rows:
             r0 = next((r for r in rows if r.get('round', 0) == 0), rows[0] if rows else None)
             if r0: return {k: r0[k] for k in ('steps', 'guidance_scale', 'scheduler', 'negative_prompt', 'size') if k in r0}
     return {}
@@ -56,10 +58,11 @@ def run_generator(run_dir:str|Path, *, device=None) -> Callable:
 
 def run_judge(run_dir:str|Path, *, device=None) -> Callable:
     "The run's classifier as `classify_fn(images) -> (N, C) probabilities`."
-    from medsynth.classify import load_classifier, predict
     device = device or resolve_device(load_params(Path(run_dir)/'params.yaml', run_dir=str(run_dir)).device)
     model = load_classifier(Path(run_dir)/'classifier', device=device)
     return lambda images: predict(model, images, device=device)['probs']
+
+
 
 # %% ../nbs/07_explore.ipynb #fd6adbb9
 @dataclass
@@ -78,10 +81,11 @@ class Verdict:
 
 def make_verdict(image, probs, *, label:int, seed:int, steps:int, guidance_scale:float, threshold:float) -> Verdict:
     "A `Verdict` from one image and its judge probabilities, by the self-check's acceptance rule."
-    from medsynth.selfcheck import judge
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     v = judge(probs[None], [label], threshold=threshold)[0]
     return Verdict(image, label, seed, steps, guidance_scale, probs, v['pred'], v['confidence'], v['p_intended'], v['accepted'])
+
+
 
 # %% ../nbs/07_explore.ipynb #6e0ed491
 def png_bytes(img, *, size:int|None=None) -> bytes:
@@ -115,35 +119,11 @@ class Explorer:
         self.per_page, self.n_real, self.size = per_page, n_real, size
         params = self._run_params()
         self.threshold = float(threshold if threshold is not None else params.get('accept_threshold', 0.5))
-        d = {'steps': params.get('inference_steps', 20), 'guidance_scale': params.get('guidance_scale', 3.0),
-             **_sampler_defaults(self.run_dir)}  # what round 0 recorded, else the run's generate parameters
+        defaults = {'steps': params.get('inference_steps', 20), 'guidance_scale': params.get('guidance_scale', 3.0),
+                    **_sampler_defaults(self.run_dir)}  # what round 0 recorded, else the run's generate parameters
         self.last:Verdict|None = None
         opts = [(f"{c['index']}: {c['name']}", c['index']) for c in self.classes]
-        # generate
-        self.w_class = W.Dropdown(options=opts, value=0, description='class')
-        self.w_seed = W.IntText(value=0, description='seed')
-        self.w_steps = W.IntSlider(value=int(d['steps']), min=1, max=max(100, int(d['steps'])), description='steps')
-        self.w_guidance = W.FloatSlider(value=float(d['guidance_scale']), min=0.0, max=20.0, step=0.5, description='guidance')
-        self.w_generate = W.Button(description='Generate', button_style='primary', icon='paint-brush')
-        self.w_next_seed = W.Checkbox(value=True, description='next seed after generating', indent=False)
-        self.w_progress = W.IntProgress(value=0, min=0, max=1, description='', layout=W.Layout(width='240px'))
-        self.w_image = W.Image(format='png', layout=W.Layout(width=f'{2*size}px'))
-        self.w_verdict = W.HTML("<i>press Generate</i>")
-        self.w_generate.on_click(lambda _: self.generate())
-        # browse
-        self.w_browse_class = W.Dropdown(options=opts, value=0, description='class')
-        self.w_which = W.ToggleButtons(options=['accepted', 'rejected'], value='accepted')
-        self.w_prev, self.w_next = W.Button(description='◀', layout=W.Layout(width='40px')), W.Button(description='▶', layout=W.Layout(width='40px'))
-        self.w_page_info = W.HTML()
-        self.w_gallery = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(6, {size+8}px)'))
-        self.page = 0
-        for w in (self.w_browse_class, self.w_which): w.observe(lambda _: self.browse(page=0), names='value')
-        self.w_prev.on_click(lambda _: self.browse(page=self.page - 1))
-        self.w_next.on_click(lambda _: self.browse(page=self.page + 1))
-        # compare
-        self.w_compare_class = W.Dropdown(options=opts, value=0, description='class')
-        self.w_compare = W.VBox()
-        self.w_compare_class.observe(lambda _: self.compare(), names='value')
+        self._generate_widgets(opts, defaults); self._browse_widgets(opts); self._compare_widgets(opts)
         self.browse(page=0); self.compare()
 
     def _run_params(self) -> dict:
@@ -161,107 +141,147 @@ class Explorer:
         if self._classify_fn is None: self._classify_fn = run_judge(self.run_dir)
         return self._classify_fn
 
-    # -- generate
-    def _on_step(self, step:int, total:int):
-        self.w_progress.max = max(int(total or 1), 1); self.w_progress.value = min(int(step), self.w_progress.max)
+# %% ../nbs/07_explore.ipynb #a62baef0
+@patch
+def _generate_widgets(self:Explorer, opts:list, d:dict):
+    size = self.size
+    self.w_class = W.Dropdown(options=opts, value=0, description='class')
+    self.w_seed = W.IntText(value=0, description='seed')
+    self.w_steps = W.IntSlider(value=int(d['steps']), min=1, max=max(100, int(d['steps'])), description='steps')
+    self.w_guidance = W.FloatSlider(value=float(d['guidance_scale']), min=0.0, max=20.0, step=0.5, description='guidance')
+    self.w_generate = W.Button(description='Generate', button_style='primary', icon='paint-brush')
+    self.w_next_seed = W.Checkbox(value=True, description='next seed after generating', indent=False)
+    self.w_progress = W.IntProgress(value=0, min=0, max=1, description='', layout=W.Layout(width='240px'))
+    self.w_image = W.Image(format='png', layout=W.Layout(width=f'{2*size}px'))
+    self.w_verdict = W.HTML("<i>press Generate</i>")
+    self.w_generate.on_click(lambda _: self.generate())
 
-    def generate(self) -> Verdict:
-        "Generate one image for the chosen class, seed, steps and guidance; judge it; show both."
-        label, seed, steps, g = self.w_class.value, int(self.w_seed.value), int(self.w_steps.value), float(self.w_guidance.value)
-        self.w_generate.disabled = True
-        self.w_progress.max, self.w_progress.value, self.w_progress.bar_style = steps, 0, 'info'
-        self.w_verdict.value = f"<i>generating {html.escape(self.names[label])}, seed {seed}, {steps} steps …</i>"
-        try:
-            img = self.generate_fn(label, seed, steps=steps, guidance_scale=g, progress=self._on_step)
-            v = make_verdict(img, self.classify_fn([img])[0], label=label, seed=seed, steps=steps, guidance_scale=g,
-                             threshold=self.threshold)
-        except Exception as e:
-            self.w_progress.bar_style = 'danger'
-            self.w_verdict.value = f"<b style='color:#b00'>failed:</b> {html.escape(f'{type(e).__name__}: {e}')}"
-            raise
-        finally: self.w_generate.disabled = False
-        self.w_progress.value, self.w_progress.bar_style = self.w_progress.max, 'success'
-        self.last = v
-        self.w_image.value = png_bytes(v.image, size=2 * self.size)
-        self.w_verdict.value = self.verdict_html(v)
-        if self.w_next_seed.value: self.w_seed.value = seed + 1
-        return v
+@patch
+def _on_step(self:Explorer, step:int, total:int):
+    self.w_progress.max = max(int(total or 1), 1); self.w_progress.value = min(int(step), self.w_progress.max)
 
-    def verdict_html(self, v:Verdict) -> str:
-        "The verdict as the panel shows it."
-        top = np.argsort(v.probs)[::-1][:3]
-        others = ', '.join(f"{html.escape(self.names[i])} {v.probs[i]:.2f}" for i in top)
-        mark = ("<b style='color:#080'>✓ accepted</b>" if v.accepted else
-                f"<b style='color:#b00'>✗ rejected</b> (needs {html.escape(self.names[v.label])} ≥ {self.threshold:.2f})")
-        return (f"asked for <b>{html.escape(self.names[v.label])}</b> · seed {v.seed} · {v.steps} steps · guidance {v.guidance_scale:g}<br>"
-                f"judge: <b>{html.escape(self.names[v.pred])}</b>, confidence {v.confidence:.2f} — {mark}<br>"
-                f"<span style='color:#666'>top classes: {others}</span>")
+@patch
+def generate(self:Explorer) -> Verdict:
+    "Generate one image for the chosen class, seed, steps and guidance; judge it; show both."
+    label, seed, steps, g = self.w_class.value, int(self.w_seed.value), int(self.w_steps.value), float(self.w_guidance.value)
+    self.w_generate.disabled = True
+    self.w_progress.max, self.w_progress.value, self.w_progress.bar_style = steps, 0, 'info'
+    self.w_verdict.value = f"<i>generating {html.escape(self.names[label])}, seed {seed}, {steps} steps …</i>"
+    try:
+        img = self.generate_fn(label, seed, steps=steps, guidance_scale=g, progress=self._on_step)
+        v = make_verdict(img, self.classify_fn([img])[0], label=label, seed=seed, steps=steps, guidance_scale=g,
+                         threshold=self.threshold)
+    except Exception as e:
+        self.w_progress.bar_style = 'danger'
+        self.w_verdict.value = f"<b style='color:#b00'>failed:</b> {html.escape(f'{type(e).__name__}: {e}')}"
+        raise
+    finally: self.w_generate.disabled = False
+    self.w_progress.value, self.w_progress.bar_style = self.w_progress.max, 'success'
+    self.last = v
+    self.w_image.value = png_bytes(v.image, size=2 * self.size)
+    self.w_verdict.value = self.verdict_html(v)
+    if self.w_next_seed.value: self.w_seed.value = seed + 1
+    return v
 
-    # -- browse
-    def rows(self, label:int, which:str='accepted') -> list[dict]:
-        "The judged images of class `label` in `generated/` (accepted) or `rejected/`, best score first, with their path."
-        folder = self.run_dir/('generated' if which == 'accepted' else 'rejected')
-        meta = folder/'metadata.jsonl'
-        rows = [{**r, 'path': folder/r['file_name']} for r in (read_jsonl(meta) if meta.exists() else []) if r['label'] == label]
-        key = (lambda r: -r.get('p_intended', r.get('confidence', 0))) if which == 'accepted' else (lambda r: -r.get('confidence', 0))
-        return sorted(rows, key=key)
+@patch
+def verdict_html(self:Explorer, v:Verdict) -> str:
+    "The verdict as the panel shows it."
+    top = np.argsort(v.probs)[::-1][:3]
+    others = ', '.join(f"{html.escape(self.names[i])} {v.probs[i]:.2f}" for i in top)
+    mark = ("<b style='color:#080'>✓ accepted</b>" if v.accepted else
+            f"<b style='color:#b00'>✗ rejected</b> (needs {html.escape(self.names[v.label])} ≥ {self.threshold:.2f})")
+    return (f"asked for <b>{html.escape(self.names[v.label])}</b> · seed {v.seed} · {v.steps} steps · guidance {v.guidance_scale:g}<br>"
+            f"judge: <b>{html.escape(self.names[v.pred])}</b>, confidence {v.confidence:.2f} — {mark}<br>"
+            f"<span style='color:#666'>top classes: {others}</span>")
 
-    def _caption(self, r:dict) -> str:
-        pred = self.names[r['pred']] if r.get('pred') is not None else '?'
-        return (f"seed {r.get('seed')} · round {r.get('round', 0)}<br>judge: {html.escape(pred)} "
-                f"{r.get('confidence', float('nan')):.2f}")
+# %% ../nbs/07_explore.ipynb #11e9b057
+@patch
+def _browse_widgets(self:Explorer, opts:list):
+    self.w_browse_class = W.Dropdown(options=opts, value=0, description='class')
+    self.w_which = W.ToggleButtons(options=['accepted', 'rejected'], value='accepted')
+    self.w_prev, self.w_next = W.Button(description='◀', layout=W.Layout(width='40px')), W.Button(description='▶', layout=W.Layout(width='40px'))
+    self.w_page_info = W.HTML()
+    self.w_gallery = W.GridBox(layout=W.Layout(grid_template_columns=f'repeat(6, {self.size+8}px)'))
+    self.page = 0
+    for w in (self.w_browse_class, self.w_which): w.observe(lambda _: self.browse(page=0), names='value')
+    self.w_prev.on_click(lambda _: self.browse(page=self.page - 1))
+    self.w_next.on_click(lambda _: self.browse(page=self.page + 1))
 
-    def browse(self, page:int|None=None) -> list[dict]:
-        "Show one page of the accepted or rejected images of the chosen class; returns the rows shown."
-        rows = self.rows(self.w_browse_class.value, self.w_which.value)
-        pages = max(1, -(-len(rows) // self.per_page))
-        self.page = min(max(0 if page is None else page, 0), pages - 1)
-        shown = rows[self.page*self.per_page:(self.page+1)*self.per_page]
-        self.w_gallery.children = [_tile(png_bytes(Image.open(r['path']), size=self.size), self._caption(r), self.size)
-                                   for r in shown if r['path'].exists()]
-        name = self.names[self.w_browse_class.value]
-        self.w_page_info.value = (f"{len(rows)} {self.w_which.value} image(s) of <b>{html.escape(name)}</b>"
-                                  + (f" · page {self.page+1}/{pages}" if rows else ''))
-        self.w_prev.disabled, self.w_next.disabled = self.page == 0, self.page >= pages - 1
-        return shown
+@patch
+def rows(self:Explorer, label:int, which:str='accepted') -> list[dict]:
+    "The judged images of class `label` in `generated/` (accepted) or `rejected/`, best score first, with their path."
+    folder = self.run_dir/('generated' if which == 'accepted' else 'rejected')
+    rows = [{**r, 'path': folder/r['file_name']} for r in read_jsonl(folder/'metadata.jsonl', missing_ok=True) if r['label'] == label]
+    key = (lambda r: -r.get('p_intended', r.get('confidence', 0))) if which == 'accepted' else (lambda r: -r.get('confidence', 0))
+    return sorted(rows, key=key)
 
-    # -- compare
-    def real_paths(self, label:int, n:int|None=None, split:str='test') -> list[Path]:
-        "The first `n` real images of class `label` in the run's `split` (train when the split is empty)."
-        for s in (split, 'train'):
-            meta = self.run_dir/'data'/s/'metadata.jsonl'
-            paths = [self.run_dir/'data'/s/r['file_name'] for r in (read_jsonl(meta) if meta.exists() else []) if r['label'] == label]
-            if paths: return paths[:n or self.n_real]
-        return []
+@patch
+def _caption(self:Explorer, r:dict) -> str:
+    pred = self.names[r['pred']] if r.get('pred') is not None else '?'
+    return (f"seed {r.get('seed')} · round {r.get('round', 0)}<br>judge: {html.escape(pred)} "
+            f"{r.get('confidence', float('nan')):.2f}")
 
-    def compare(self) -> tuple[list[Path], list[Path]]:
-        "Real images of the chosen class next to accepted generated ones (and the last image generated for it)."
-        label = self.w_compare_class.value
-        real = self.real_paths(label)
-        gen = [r['path'] for r in self.rows(label, 'accepted')[:self.n_real]]
-        def row(title, paths, extra=()):
-            tiles = [_tile(png_bytes(Image.open(p), size=self.size), p.parent.name + '/' + p.name, self.size) for p in paths]
-            return W.VBox([W.HTML(f"<b>{title}</b>"), W.HBox(list(extra) + tiles, layout=W.Layout(flex_flow='row wrap'))])
-        extra = ([_tile(png_bytes(self.last.image, size=self.size), 'just generated', self.size)]
-                 if self.last is not None and self.last.label == label else [])
-        self.w_compare.children = [row(f"real ({len(real)})", real), row(f"generated, accepted ({len(gen)})", gen, extra)]
-        return real, gen
+@patch
+def browse(self:Explorer, page:int|None=None) -> list[dict]:
+    "Show one page of the accepted or rejected images of the chosen class; returns the rows shown."
+    rows = self.rows(self.w_browse_class.value, self.w_which.value)
+    pages = max(1, -(-len(rows) // self.per_page))
+    self.page = min(max(0 if page is None else page, 0), pages - 1)
+    shown = rows[self.page*self.per_page:(self.page+1)*self.per_page]
+    self.w_gallery.children = [_tile(png_bytes(Image.open(r['path']), size=self.size), self._caption(r), self.size)
+                               for r in shown if r['path'].exists()]
+    name = self.names[self.w_browse_class.value]
+    self.w_page_info.value = (f"{len(rows)} {self.w_which.value} image(s) of <b>{html.escape(name)}</b>"
+                              + (f" · page {self.page+1}/{pages}" if rows else ''))
+    self.w_prev.disabled, self.w_next.disabled = self.page == 0, self.page >= pages - 1
+    return shown
 
-    # -- the panel
-    @property
-    def panel(self) -> W.Widget:
-        "The whole panel: three tabs."
-        gen = W.HBox([W.VBox([self.w_class, self.w_seed, self.w_steps, self.w_guidance, self.w_next_seed,
-                              W.HBox([self.w_generate, self.w_progress])]),
-                      W.VBox([self.w_image, self.w_verdict])])
-        browse = W.VBox([W.HBox([self.w_browse_class, self.w_which]), W.HBox([self.w_prev, self.w_next, self.w_page_info]),
-                         self.w_gallery])
-        compare = W.VBox([self.w_compare_class, self.w_compare])
-        tabs = W.Tab(children=[gen, browse, compare])
-        for i, t in enumerate(['Generate', 'Accepted / rejected', 'Real vs generated']): tabs.set_title(i, t)
-        return W.VBox([W.HTML(f"<b>medsynth run</b> {html.escape(str(self.run_dir))} · {len(self.classes)} classes · "
-                              f"acceptance threshold {self.threshold:.2f}"), tabs])
+# %% ../nbs/07_explore.ipynb #1ebbd4d3
+@patch
+def _compare_widgets(self:Explorer, opts:list):
+    self.w_compare_class = W.Dropdown(options=opts, value=0, description='class')
+    self.w_compare = W.VBox()
+    self.w_compare_class.observe(lambda _: self.compare(), names='value')
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.panel)
+@patch
+def real_paths(self:Explorer, label:int, n:int|None=None, split:str='test') -> list[Path]:
+    "The first `n` real images of class `label` in the run's `split` (train when the split is empty)."
+    for s in (split, 'train'):
+        folder = self.run_dir/'data'/s
+        paths = [folder/r['file_name'] for r in read_jsonl(folder/'metadata.jsonl', missing_ok=True) if r['label'] == label]
+        if paths: return paths[:n or self.n_real]
+    return []
+
+@patch
+def compare(self:Explorer) -> tuple[list[Path], list[Path]]:
+    "Real images of the chosen class next to accepted generated ones (and the last image generated for it)."
+    label = self.w_compare_class.value
+    real = self.real_paths(label)
+    gen = [r['path'] for r in self.rows(label, 'accepted')[:self.n_real]]
+    def row(title, paths, extra=()):
+        tiles = [_tile(png_bytes(Image.open(p), size=self.size), p.parent.name + '/' + p.name, self.size) for p in paths]
+        return W.VBox([W.HTML(f"<b>{title}</b>"), W.HBox(list(extra) + tiles, layout=W.Layout(flex_flow='row wrap'))])
+    extra = ([_tile(png_bytes(self.last.image, size=self.size), 'just generated', self.size)]
+             if self.last is not None and self.last.label == label else [])
+    self.w_compare.children = [row(f"real ({len(real)})", real), row(f"generated, accepted ({len(gen)})", gen, extra)]
+    return real, gen
+
+# %% ../nbs/07_explore.ipynb #ef3f2ae9
+@patch(as_prop=True)
+def panel(self:Explorer) -> W.Widget:
+    "The whole panel: three tabs."
+    gen = W.HBox([W.VBox([self.w_class, self.w_seed, self.w_steps, self.w_guidance, self.w_next_seed,
+                          W.HBox([self.w_generate, self.w_progress])]),
+                  W.VBox([self.w_image, self.w_verdict])])
+    browse = W.VBox([W.HBox([self.w_browse_class, self.w_which]), W.HBox([self.w_prev, self.w_next, self.w_page_info]),
+                     self.w_gallery])
+    compare = W.VBox([self.w_compare_class, self.w_compare])
+    tabs = W.Tab(children=[gen, browse, compare])
+    for i, t in enumerate(['Generate', 'Accepted / rejected', 'Real vs generated']): tabs.set_title(i, t)
+    return W.VBox([W.HTML(f"<b>medsynth run</b> {html.escape(str(self.run_dir))} · {len(self.classes)} classes · "
+                          f"acceptance threshold {self.threshold:.2f}"), tabs])
+
+@patch
+def _ipython_display_(self:Explorer):
+    from IPython.display import display
+    display(self.panel)

@@ -71,24 +71,33 @@ def test_no_exported_cell_is_long():
     assert not long, "split these cells at a def:\n" + '\n'.join(long)
 
 
+def _is_patch(fn:ast.FunctionDef) -> bool:
+    return any('patch' in ast.unparse(d) for d in fn.decorator_list)
+
+
 def _public_names(src:str) -> list[str]:
+    "The public functions and classes a cell defines (methods added to a class with fastcore's `patch` belong to it)."
     tree = ast.parse(re.sub(r'^\s*[%!].*$', '', src, flags=re.M))
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith('_')]
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith('_')
+            and not (isinstance(n, ast.FunctionDef) and _is_patch(n))]
 
 
 def test_each_exported_function_has_an_example_beside_it():
-    "In the chapters, every public function or class is used by a (non-exported) cell between it and the next exported cell."
+    """In the chapters, every public function or class is used by a (non-exported) cell between it and the next
+    exported cell; for a class that later cells extend with `patch`, after the last of those cells."""
     missing = []
     for nb in sorted(NBS.glob('[0-9]*.ipynb')):
         cells = _cells(nb)
         for i, (kind, src) in enumerate(cells):
             if kind != 'code' or not _exported(src): continue
-            after = []
-            for kind2, src2 in cells[i+1:]:
-                if kind2 != 'code': continue
-                if _exported(src2): break
-                after.append(src2)
-            missing += [f"{nb.name}: {n}" for n in _public_names(src) if not any(re.search(rf'\b{n}\b', a) for a in after)]
+            for name in _public_names(src):
+                last = max([j for j, (k, s2) in enumerate(cells) if k == 'code' and _exported(s2) and f'self:{name}' in s2], default=i)
+                after = []
+                for kind2, src2 in cells[last+1:]:
+                    if kind2 != 'code': continue
+                    if _exported(src2): break
+                    after.append(src2)
+                if not any(re.search(rf'\b{name}\b', a) for a in after): missing.append(f"{nb.name}: {name}")
     assert not missing, "show these at work in a cell right after their definition:\n" + '\n'.join(missing)
 
 
