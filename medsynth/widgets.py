@@ -13,6 +13,7 @@ from PIL import Image
 import ipywidgets as W
 from .config import read_jsonl, load_params, resolve_device
 from .data import load_classes
+from .sampling import load_generator, generate_images
 
 # %% auto #0
 __all__ = ['run_generator', 'run_judge', 'Verdict', 'make_verdict', 'png_bytes', 'Explorer']
@@ -40,8 +41,6 @@ def _sampler_defaults(run_dir:Path) -> dict:
 
 def run_generator(run_dir:str|Path, *, device=None) -> Callable:
     "The run's fine-tuned generator as `generate_fn(label, seed, *, steps, guidance_scale, progress)`."
-    from medsynth.finetune import load_generator
-    from medsynth.generate import generate_images
     run_dir = Path(run_dir)
     P = load_params(run_dir/'params.yaml', run_dir=str(run_dir))
     classes = load_classes(run_dir)
