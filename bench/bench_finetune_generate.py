@@ -39,7 +39,7 @@ def main():
     from medsynth.data import phantom_dataset, load_params
     from medsynth.finetune import (build_tiny_pipeline, build_sd15_shaped_pipeline, add_lora, encode_images,
                                    encode_captions, draw_batch, diffusion_loss)
-    from medsynth.generate import generate_images
+    from medsynth.sampling import generate_images
     dev = resolve_device(a.device)
     torch.manual_seed(0)
     res = 224 if a.sd15 else 32

@@ -4,23 +4,27 @@
 
 # %% ../nbs/03_finetune.ipynb #2c30e886
 from __future__ import annotations
-import os, re, json, math, time, shutil, contextlib, collections
+import re, json, math, time, shutil, hashlib, contextlib, collections
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import (Params, ParamsError, load_params, read_json, write_json, write_text, atomic_path,
+from .config import (Params, ParamsError, read_json, write_json, write_text, atomic_path,
                              resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
+from .data import load_split, load_classes
+from .sampling import LORA_WEIGHTS, load_base, generate_images, image_grid, check_images
 
 # %% auto #0
-__all__ = ['BOS', 'EOS', 'AUGMENTS', 'LORA_WEIGHTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline',
-           'encode_captions', 'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'toy_run_dir',
-           'dihedral', 'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss',
-           'add_lora', 'save_lora', 'draw_batch', 'latest_checkpoint', 'save_checkpoint', 'train_unet', 'check_images',
-           'image_grid', 'validation_grid', 'load_base', 'train_resolution', 'fit_images', 'finetune_key',
-           'run_finetune', 'main', 'load_generator']
+__all__ = ['BOS', 'EOS', 'AUGMENTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline', 'encode_captions',
+           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'toy_run_dir', 'dihedral',
+           'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora',
+           'save_lora', 'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'resume_training',
+           'prepare_training', 'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution',
+           'fit_images', 'finetune_key', 'generator_complete', 'clear_stale', 'training_images', 'base_pipeline',
+           'latent_cache', 'trainable_unet', 'stage_validator', 'train_generator', 'save_generator', 'run_finetune']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -235,7 +239,7 @@ def toy_run_dir(run_dir:str|Path,            # where to write data/
     return run_dir
 
 # %% ../nbs/03_finetune.ipynb #631d7145
-AUGMENTS = {'none': 1, 'flip': 2, 'dihedral': 8}
+AUGMENTS = {'none': [0], 'flip': [0, 4], 'dihedral': list(range(8))}   # cache_augment -> the `dihedral` symmetries k it caches
 
 def dihedral(x:torch.Tensor, k:int) -> torch.Tensor:
     "The `k`-th (0..7) symmetry of the square applied to the last two dims: `k%4` quarter turns, then a flip if `k>=4`."
@@ -244,7 +248,7 @@ def dihedral(x:torch.Tensor, k:int) -> torch.Tensor:
 
 def _aug_ids(augment:str) -> list[int]:
     if augment not in AUGMENTS: raise ParamsError(f"`cache_augment`: {augment!r} is not one of {', '.join(AUGMENTS)}")
-    return {'none': [0], 'flip': [0, 4], 'dihedral': list(range(8))}[augment]
+    return list(AUGMENTS[augment])
 
 # %% ../nbs/03_finetune.ipynb #1e4ec80c
 def to_pixels(images:np.ndarray) -> torch.Tensor:
@@ -319,6 +323,7 @@ def encode_images(vae,                      # a frozen AutoencoderKL
     return out
 
 
+
 # %% ../nbs/03_finetune.ipynb #ee14aca5
 def snr_weights(scheduler, timesteps:torch.Tensor, gamma:float|None) -> torch.Tensor|None:
     "Min-SNR-γ loss weights per example (None when `gamma` is None): min(SNR, γ)/SNR, or /(SNR+1) for v-prediction."
@@ -349,8 +354,6 @@ def diffusion_loss(unet,                      # UNet2DConditionModel (possibly w
     return (per * w.to(per.device)).mean()
 
 # %% ../nbs/03_finetune.ipynb #faf00506
-LORA_WEIGHTS = 'pytorch_lora_weights.safetensors'
-
 def add_lora(unet,                                   # a UNet2DConditionModel (its own weights get frozen)
              *, rank:int=4,                           # LoRA rank r
              alpha:float|None=None,                   # LoRA alpha (scale alpha/r); None = rank
@@ -394,7 +397,7 @@ def draw_batch(cache:dict,                # encode_images output (+ 'scaling_fac
     emb = text_emb[torch.where(drop, torch.full_like(i, len(text_emb)-1), labels[i])]
     return dict(latents=latents, text_emb=emb, noise=noise, timesteps=timesteps, index=i)
 
-# %% ../nbs/03_finetune.ipynb #44699b00
+# %% ../nbs/03_finetune.ipynb #74dee02c
 def _ckpt_step(p:Path) -> int:
     m = re.fullmatch(r'checkpoint-(\d+)', p.name)
     return int(m.group(1)) if m else -1
@@ -419,7 +422,7 @@ def _register_lora_hooks(accelerator, unet):
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-def save_checkpoint(accelerator, folder:str|Path, step:int, state:dict, *, keep:int=2) -> Path:
+def save_training_checkpoint(accelerator, folder:str|Path, step:int, state:dict, *, keep:int=2) -> Path:
     "accelerate's `save_state` into `folder/checkpoint-<step>`, atomically (temporary folder, rename); keep the last `keep`."
     folder = Path(folder); dest = folder/f'checkpoint-{step}'; tmp = folder/f'.checkpoint-{step}.tmp'
     if accelerator.is_main_process:
@@ -437,13 +440,72 @@ def save_checkpoint(accelerator, folder:str|Path, step:int, state:dict, *, keep:
     accelerator.wait_for_everyone()
     return dest
 
-# %% ../nbs/03_finetune.ipynb #3bef94f6
+def resume_training(accelerator, folder:str|Path) -> tuple[int, list[dict], str|None]:
+    "Load the latest complete checkpoint of `folder` into the prepared objects: (its step, the log so far, its name); (0, [], None) without one."
+    if (ck := latest_checkpoint(folder)) is None: return 0, [], None
+    accelerator.load_state(str(ck))
+    st = read_json(ck/'medsynth.json')
+    accelerator.print(f"resumed from {ck.name} at step {st['step']}")
+    return st['step'], st['log'], ck.name
+
+# %% ../nbs/03_finetune.ipynb #74ed0959
+def prepare_training(unet,                      # the UNet to train (its trainable parameters: `requires_grad`)
+                     accelerator,               # an Accelerator
+                     *, steps:int, lr:float, lr_scheduler:str='constant', warmup:int=0, weight_decay:float=1e-2,
+                     lora:bool=False,           # register hooks so that checkpoints store only the adapter
+                     gradient_checkpointing:bool=False) -> dict:
+    "The UNet in training mode, its AdamW optimizer and lr schedule, prepared by accelerate: dict(unet, opt, sched, params, accelerator, lr)."
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    acc = accelerator
+    if gradient_checkpointing: unet.enable_gradient_checkpointing()
+    if lora and acc.mixed_precision in ('fp16', 'bf16'): cast_training_params(unet, dtype=torch.float32)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params: raise ValueError("the UNet has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = get_scheduler(lr_scheduler, opt, num_warmup_steps=warmup * acc.num_processes,
+                          num_training_steps=steps * acc.num_processes)
+    unet, opt, sched = acc.prepare(unet, opt, sched)
+    if lora: _register_lora_hooks(acc, unet)
+    return dict(unet=unet, opt=opt, sched=sched, params=params, accelerator=acc, lr=lr)
+
+def train_step(trainer:dict,                 # prepare_training's result
+               noise_scheduler,              # DDPMScheduler with the training noise schedule
+               draw:Callable[[int], dict],   # micro-batch index -> a training batch (draw_batch)
+               *, grad_accum:int=1, max_grad_norm:float=1.0, snr_gamma:float|None=None,
+               step:int=0) -> list[torch.Tensor]:  # the step (named in the error of a diverged loss)
+    "One optimiser step: `grad_accum` micro-batches (gradients synchronised on the last), clipping, update; returns their losses."
+    unet, opt, acc = trainer['unet'], trainer['opt'], trainer['accelerator']
+    losses = []
+    for micro in range(grad_accum):
+        b = draw(micro)
+        ctx = acc.no_sync(unet) if micro < grad_accum-1 else contextlib.nullcontext()
+        with ctx:
+            loss = diffusion_loss(unet, b['latents'].to(acc.device), b['text_emb'].to(acc.device), noise_scheduler,
+                                  noise=b['noise'].to(acc.device), timesteps=b['timesteps'].to(acc.device),
+                                  snr_gamma=snr_gamma)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {step}: training diverged. Lower "
+                                         f"learning_rate (now {trainer['lr']}), set max_grad_norm, or use precision fp32/bf16.")
+            acc.backward(loss / grad_accum)
+        losses.append(loss.detach())
+    if max_grad_norm and acc.sync_gradients: acc.clip_grad_norm_(trainer['params'], max_grad_norm)
+    opt.step(); trainer['sched'].step(); opt.zero_grad(set_to_none=True)
+    return losses
+
+def log_row(trainer:dict, losses:list[torch.Tensor], *, step:int, t0:float) -> dict:
+    "A row of the training log: the mean of `losses` over every process, the lr, seconds since `t0`."
+    l = trainer['accelerator'].reduce(torch.stack(losses).mean(), 'mean').item()
+    return dict(step=step, loss=l, lr=trainer['sched'].get_last_lr()[0], seconds=round(time.time()-t0, 2))
+
+# %% ../nbs/03_finetune.ipynb #ad2d0a6d
 def train_unet(unet,                         # UNet2DConditionModel; with `lora` it already carries an adapter
                noise_scheduler,              # DDPMScheduler with the training noise schedule
                cache:dict,                   # encode_images output + 'scaling_factor'
                text_emb:torch.Tensor,        # K+1 caption embeddings (last: empty caption)
                labels,                       # the class of each cached image (N)
-               *, out_dir:str|Path,          # checkpoints/, logs/ and train_log.csv go here
+               *, out_dir:str|Path,          # checkpoints/ go here
                steps:int=1000,               # optimiser steps in all (a resumed run continues to this)
                lr:float=1e-3,                # peak learning rate
                batch_size:int=32,            # examples per micro-batch and process
@@ -467,87 +529,36 @@ def train_unet(unet,                         # UNet2DConditionModel; with `lora`
                progress:bool=True) -> dict:
     "Train `unet` from cached latents and embeddings with accelerate; resumable. Returns the log and resume info."
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     acc = accelerator or Accelerator()
-    out_dir = Path(out_dir); ck_dir = out_dir/'checkpoints'
-    if gradient_checkpointing: unet.enable_gradient_checkpointing()
-    if lora and acc.mixed_precision in ('fp16', 'bf16'): cast_training_params(unet, dtype=torch.float32)
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params: raise ValueError("the UNet has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = get_scheduler(lr_scheduler, opt, num_warmup_steps=warmup * acc.num_processes,
-                          num_training_steps=steps * acc.num_processes)
-    unet, opt, sched = acc.prepare(unet, opt, sched)
-    if lora: _register_lora_hooks(acc, unet)
+    ck_dir = Path(out_dir)/'checkpoints'
+    tr = prepare_training(unet, acc, steps=steps, lr=lr, lr_scheduler=lr_scheduler, warmup=warmup, weight_decay=weight_decay,
+                          lora=lora, gradient_checkpointing=gradient_checkpointing)
     labels = torch.as_tensor(labels, dtype=torch.long)
-    start, log, resumed = 0, [], None
-    if (ck := latest_checkpoint(ck_dir)) is not None:
-        acc.load_state(str(ck))
-        st = read_json(ck/'medsynth.json'); start, log, resumed = st['step'], st['log'], ck.name
-        acc.print(f"resumed from {ck.name} at step {start}")
+    start, log, resumed = resume_training(acc, ck_dir)
     T = noise_scheduler.config.num_train_timesteps
     bar = tqdm(total=steps, initial=start, desc='UNet' + (' (LoRA)' if lora else ''), disable=not (progress and acc.is_local_main_process), mininterval=2)
     t0, run_loss = time.time(), []
     for step in range(start, steps):
-        for micro in range(grad_accum):
-            b = draw_batch(cache, text_emb, labels, batch_size=batch_size, seed=seed, step=step, micro=micro,
-                           rank=acc.process_index, num_timesteps=T, noise_offset=noise_offset, caption_dropout=caption_dropout)
-            ctx = acc.no_sync(unet) if micro < grad_accum-1 else contextlib.nullcontext()
-            with ctx:
-                loss = diffusion_loss(unet, b['latents'].to(acc.device), b['text_emb'].to(acc.device), noise_scheduler,
-                                      noise=b['noise'].to(acc.device), timesteps=b['timesteps'].to(acc.device),
-                                      snr_gamma=snr_gamma)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss.item()} at step {step}: training diverged. Lower "
-                                             f"learning_rate (now {lr}), set max_grad_norm, or use precision fp32/bf16.")
-                acc.backward(loss / grad_accum)
-            run_loss.append(loss.detach())
-        if max_grad_norm and acc.sync_gradients: acc.clip_grad_norm_(params, max_grad_norm)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        draw = lambda micro: draw_batch(cache, text_emb, labels, batch_size=batch_size, seed=seed, step=step, micro=micro, rank=acc.process_index,
+                                        num_timesteps=T, noise_offset=noise_offset, caption_dropout=caption_dropout)
+        run_loss += train_step(tr, noise_scheduler, draw, grad_accum=grad_accum, max_grad_norm=max_grad_norm, snr_gamma=snr_gamma, step=step)
         bar.update(1)
         done = step + 1
         if done % log_every == 0 or done == steps:
-            l = acc.reduce(torch.stack(run_loss).mean(), 'mean').item(); run_loss = []
-            log.append(dict(step=done, loss=l, lr=sched.get_last_lr()[0], seconds=round(time.time()-t0, 2)))
-            acc.log({'loss': l, 'lr': log[-1]['lr']}, step=done)
-            bar.set_postfix(loss=f'{l:.4f}')
+            log.append(log_row(tr, run_loss, step=done, t0=t0)); run_loss = []
+            acc.log({'loss': log[-1]['loss'], 'lr': log[-1]['lr']}, step=done)
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
         if validate is not None and (done == steps or (validation_every and done % validation_every == 0)):
             if acc.is_main_process:
-                unet.eval(); validate(acc.unwrap_model(unet), done); unet.train()
+                tr['unet'].eval(); validate(acc.unwrap_model(tr['unet']), done); tr['unet'].train()
             acc.wait_for_everyone()
         if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-            save_checkpoint(acc, ck_dir, done, dict(log=log), keep=checkpoints_keep)
+            save_training_checkpoint(acc, ck_dir, done, dict(log=log), keep=checkpoints_keep)
     bar.close()
-    unet.eval()
-    return dict(log=log, resumed_from=resumed, start_step=start, steps=steps, unet=acc.unwrap_model(unet), accelerator=acc)
+    tr['unet'].eval()
+    return dict(log=log, resumed_from=resumed, start_step=start, steps=steps, unet=acc.unwrap_model(tr['unet']), accelerator=acc)
 
 # %% ../nbs/03_finetune.ipynb #346aae5b
-def check_images(images:np.ndarray, *, where:str='the validation grid'):
-    "Raise if uint8 `images` are all black or constant (a diverged model or NaN latents)."
-    if images.max() < 8: raise RuntimeError(f"{where} is all black: the model diverged (NaN) — lower learning_rate or use fp32/bf16")
-    if images.reshape(-1, 3).std(0).max() < 1.0:
-        raise RuntimeError(f"{where} is one constant colour: the model collapsed — check the data and lower learning_rate")
-
-def image_grid(rows:list[np.ndarray],        # per row, uint8 k×H×W×3 images
-               *, labels:list[str]|None=None, # row labels drawn at the left
-               scale:int=1,                  # nearest-neighbour upscaling of each tile
-               pad:int=2) -> Image.Image:
-    "A grid image: one row of tiles per entry of `rows`, optional labels on the left."
-    from PIL import ImageDraw
-    h, w = rows[0].shape[1]*scale, rows[0].shape[2]*scale
-    ncol = max(len(r) for r in rows)
-    lw = 0 if not labels else 7*max(len(s) for s in labels) + 8
-    G = Image.new('RGB', (lw + ncol*(w+pad) + pad, len(rows)*(h+pad) + pad), 'white')
-    d = ImageDraw.Draw(G)
-    for i, r in enumerate(rows):
-        y = pad + i*(h+pad)
-        if labels: d.text((4, y + h//2 - 6), labels[i], fill='black')
-        for j, im in enumerate(r):
-            G.paste(Image.fromarray(im).resize((w, h), Image.NEAREST), (lw + pad + j*(w+pad), y))
-    return G
-
 def validation_grid(pipe,                       # a StableDiffusionPipeline
                     captions:list[str],         # one row per caption
                     path:str|Path|None=None,    # where to save the PNG (atomically)
@@ -555,7 +566,6 @@ def validation_grid(pipe,                       # a StableDiffusionPipeline
                     labels:list[str]|None=None, # row labels (default: the captions)
                     **gen_kw) -> np.ndarray:
     "Sample `n` images per caption with seeds 0..n-1, check them, save the grid; returns uint8 K×n×H×W×3."
-    from medsynth.generate import generate_images
     prompts = [c for c in captions for _ in range(n)]
     ims = generate_images(pipe, prompts, list(range(n))*len(captions), output='np', **gen_kw)
     ims = ims.reshape(len(captions), n, *ims.shape[1:])
@@ -564,27 +574,6 @@ def validation_grid(pipe,                       # a StableDiffusionPipeline
         with atomic_path(path) as tmp: image_grid(list(ims), labels=labels or captions, scale=scale).save(tmp, format='PNG')
     check_images(ims, where=f"the validation grid {Path(path).name if path else ''}".strip())
     return ims
-
-# %% ../nbs/03_finetune.ipynb #f5df4244
-def load_base(base_model:str,          # a Hugging Face id or a local diffusers folder
-              *, dtype=None,            # torch dtype of the weights
-              device=None):
-    "A `StableDiffusionPipeline` from a local folder or the Hub, safety checker off; a clear error when it is missing."
-    from diffusers import StableDiffusionPipeline
-    local = Path(base_model).expanduser()
-    if local.exists() and not (local/'model_index.json').exists():
-        raise ParamsError(f"`base_model`: {local} exists but is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else base_model, torch_dtype=dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise ParamsError(
-            f"`base_model`: could not load {base_model!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "A Hugging Face id is downloaded on first use (network, and the model's licence accepted on the Hub); "
-            f"offline, fetch it on a connected machine with `huggingface-cli download {base_model} --local-dir DIR` "
-            "and set base_model to DIR, or use base_model: tiny") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device is not None else pipe
 
 # %% ../nbs/03_finetune.ipynb #011285a2
 def train_resolution(resolution:int|None,  # the `resolution` parameter
@@ -618,19 +607,20 @@ def fit_images(x:np.ndarray,              # uint8 N×S×S×3 training images (or
         return np.pad(x, ((0, 0), (a, b), (a, b), (0, 0)), mode='reflect'), s
     return np.stack([np.asarray(Image.fromarray(a).resize((res,)*2, Image.BICUBIC)) for a in x]), None
 
+# %% ../nbs/03_finetune.ipynb #f24ea50e
 _NOT_TRAINING = {'checkpoint_every', 'checkpoints_keep', 'validation_every', 'validation_images', 'report_to'}
 
 def finetune_key(P:Params) -> str:
     "Fingerprint of everything that shapes the generator (data and fine-tuning values, seed, precision)."
-    import hashlib
     vals = {k: v for k, v in P.stage_values('finetune').items() if k not in _NOT_TRAINING}
     vals.update(data=params_hash(P, 'data'), seed=P.seed, precision=P.precision)
     return hashlib.sha256(json.dumps(vals, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../nbs/03_finetune.ipynb #d8235d02
 def _make_accelerator(P:Params, gdir:Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.state import AcceleratorState, GradientState
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):   # a fresh state per stage run in one process
         AcceleratorState._reset_state(True); GradientState._reset_state()
@@ -644,6 +634,36 @@ def _move(m, device, dtype=None):
     "`m.to(device, dtype)`, passing the dtype only when it changes (diffusers warns about casts that change nothing)."
     return m.to(device) if dtype is None or m.dtype == dtype else m.to(device, dtype)
 
+def generator_complete(gdir:Path, key:str) -> bool:
+    "Whether `gdir/generator.json` records a finished training for `key`."
+    done = gdir/'generator.json'
+    return done.exists() and read_json(done).get('key') == key
+
+def clear_stale(gdir:Path, key:str, accelerator, *, force:bool=False):
+    "Remove what `gdir` holds for other parameters (or everything, with `force`) and record `key` as what it is for now."
+    stamp = gdir/'key.json'   # what the checkpoints and cache in gdir were made for
+    if accelerator.is_main_process and stamp.exists() and (force or read_json(stamp).get('key') != key):
+        print(f"finetune: {'forced' if force else 'parameters changed since the last run'}: starting over")
+        for p in ('checkpoints', 'samples', 'base', 'cache.pt', 'pipeline', 'lora', 'generator.json', 'logs'):
+            q = gdir/p; shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
+    if accelerator.is_main_process: write_json(stamp, dict(key=key))
+    accelerator.wait_for_everyone()
+
+# %% ../nbs/03_finetune.ipynb #6240a9d4
+def training_images(P:Params) -> tuple:
+    "The training split at the generator's side: (images, labels, classes, crop). Too large for memory: read lazily (not for `tiny`)."
+    run_dir = Path(P.run_dir)
+    # a training split that does not fit in memory is read a batch at a time to build the cache (not for `tiny`,
+    # whose VAE trains on it)
+    x, y = load_split(run_dir, 'train', lazy=None if P.base_model != 'tiny' else False); classes = load_classes(run_dir)
+    if not isinstance(x, np.ndarray):
+        print(f"finetune: {run_dir/'data'/'train'} does not fit in memory: its {len(x):,} images are decoded a batch at a time")
+    x, crop = fit_images(x, P.resolution)
+    if crop: print(f"finetune: images of {crop} px reflect-padded to {x.shape[1]} px (diffusers' pipelines need multiples of 8); "
+                   f"generated images are cropped back to {crop} px")
+    return x, y, classes, crop
+
+# %% ../nbs/03_finetune.ipynb #75094d89
 def _tiny_base(P:Params, x:np.ndarray, captions:list[str], base_dir:Path, device) -> dict:
     "Build the tiny pipeline, train its VAE, fit the latent scale and save it to `base_dir`."
     pipe = build_tiny_pipeline(captions, resolution=x.shape[1], vae_channels=P.tiny_vae_channels,
@@ -665,6 +685,22 @@ def _tiny_base(P:Params, x:np.ndarray, captions:list[str], base_dir:Path, device
           f"(reconstruction loss {np.mean(losses[-10:]):.4f}), latent scale {sf:.3f} -> {base_dir}")
     return info
 
+def base_pipeline(P:Params, x, captions:list[str], gdir:Path, accelerator, wdtype) -> tuple:
+    "The base pipeline, VAE and text encoder frozen, and its build info: `tiny` built once into `gdir/base`, or `base_model`."
+    base_info = {}
+    if P.base_model == 'tiny':
+        base_dir = gdir/'base'
+        if accelerator.is_main_process and not (base_dir/'model_index.json').exists():
+            _tiny_base(P, x, captions, base_dir, accelerator.device)
+        accelerator.wait_for_everyone()
+        base_info = read_json(base_dir/'medsynth_base.json')
+        pipe = load_base(str(base_dir))
+    else:
+        pipe = load_base(P.base_model, dtype=wdtype if P.finetune_method == 'lora' else None)
+    pipe.vae.requires_grad_(False); pipe.text_encoder.requires_grad_(False)
+    return pipe, base_info
+
+# %% ../nbs/03_finetune.ipynb #88faa911
 def _build_cache(P:Params, pipe, x, y, captions, path:Path, device, dtype) -> dict:
     t = time.time()
     vae, te = _move(pipe.vae, device, dtype), _move(pipe.text_encoder, device, dtype)
@@ -674,6 +710,63 @@ def _build_cache(P:Params, pipe, x, y, captions, path:Path, device, dtype) -> di
     with atomic_path(path) as tmp: torch.save(c, tmp)
     return c
 
+def latent_cache(P:Params, pipe, x, y, captions:list[str], gdir:Path, accelerator, wdtype) -> dict:
+    "The cached latents and caption embeddings, `gdir/cache.pt`: built by the main process once, read by the others."
+    dev = accelerator.device
+    cpath = gdir/'cache.pt'
+    cache = None
+    if accelerator.is_main_process and not cpath.exists():
+        cache = _build_cache(P, pipe, x, y, captions, cpath, dev, wdtype if dev.type != 'cpu' else torch.float32)
+        print(f"cache: {tuple(cache['mean'].shape)} latents ({P.cache_augment}) and {len(captions)}+1 caption embeddings in {cache['seconds']} s")
+    accelerator.wait_for_everyone()
+    if cache is None: cache = torch.load(cpath, weights_only=True)
+    return cache
+
+# %% ../nbs/03_finetune.ipynb #a2f07813
+def trainable_unet(P:Params, pipe, device, wdtype):
+    "The frozen parts on `device` (weight dtype on a GPU), and the UNet ready to train: a LoRA adapter on it, or all of it in fp32."
+    fdtype = wdtype if device.type != 'cpu' else torch.float32      # frozen parts, as diffusers' script keeps them
+    _move(pipe.vae, device, fdtype); _move(pipe.text_encoder, device, fdtype)
+    unet = pipe.unet
+    if P.finetune_method == 'lora':
+        _move(unet, device, wdtype if device.type != 'cpu' else torch.float32)
+        add_lora(unet, rank=P.lora_rank, alpha=P.lora_alpha, targets=P.lora_target_modules, init=P.lora_init)
+    else: _move(unet, device, torch.float32).requires_grad_(True)
+    return unet
+
+def stage_validator(P:Params, pipe, classes:list[dict], gdir:Path, accelerator) -> Callable:
+    "The stage's validation callback `validate(unet, step)`: `validation_images` per class into `gdir/samples/` (none when 0)."
+    from diffusers import StableDiffusionPipeline
+    captions = [c['caption'] for c in classes]
+    gen_kw = dict(steps=P.inference_steps, guidance_scale=P.guidance_scale, scheduler=P.scheduler, negative_prompt=P.negative_prompt)
+    def validate(u, step):
+        if not P.validation_images: return
+        vp = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=u,
+                                     scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        with accelerator.autocast():   # frozen parts in the weight dtype, a trained UNet in fp32
+            validation_grid(vp, captions, gdir/'samples'/f'step-{step:06d}.png', n=P.validation_images,
+                            labels=[c['name'] for c in classes], **gen_kw)
+    return validate
+
+def train_generator(P:Params, pipe, unet, cache:dict, gdir:Path, accelerator, *, validate=None, progress:bool=True) -> dict:
+    "`train_unet` with the stage's parameters (trackers when `report_to` is set); its result gets the training `seconds`."
+    from diffusers import DDPMScheduler
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    if P.report_to != 'none':
+        accelerator.init_trackers('finetune', config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                       for k, v in P.stage_values('finetune').items()})
+    t = time.time()
+    r = train_unet(unet, noise_sched, cache, cache['text_emb'], cache['labels'], out_dir=gdir, steps=P.train_steps,
+                   lr=P.learning_rate, batch_size=P.train_batch_size, grad_accum=P.gradient_accumulation_steps,
+                   max_grad_norm=P.max_grad_norm, lr_scheduler=P.lr_scheduler, warmup=P.lr_warmup_steps,
+                   noise_offset=P.noise_offset, snr_gamma=P.snr_gamma, caption_dropout=P.caption_dropout,
+                   lora=P.finetune_method == 'lora', gradient_checkpointing=P.gradient_checkpointing, accelerator=accelerator,
+                   seed=P.seed, checkpoint_every=P.checkpoint_every, checkpoints_keep=P.checkpoints_keep,
+                   validation_every=P.validation_every, validate=validate, progress=progress)
+    r['seconds'] = round(time.time() - t, 1)
+    return r
+
+# %% ../nbs/03_finetune.ipynb #39f8a578
 def _plot_losses(log:list[dict], vae_loss:list[float]|None, path:Path):
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
@@ -688,146 +781,55 @@ def _plot_losses(log:list[dict], vae_loss:list[float]|None, path:Path):
 def _write_log_csv(log:list[dict], path:Path):
     write_text(path, 'step,loss,lr,seconds\n' + ''.join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3e},{r['seconds']}\n" for r in log))
 
-# %% ../nbs/03_finetune.ipynb #f24ea50e
+def save_generator(P:Params, gdir:Path, pipe, result:dict, *, key:str, resolution:int, crop:int|None,
+                   base_info:dict, cache:dict) -> dict:
+    "Write the trained generator (`lora/` or `pipeline/`), `train_log.csv`, `loss.png` and `generator.json`; returns the latter's values."
+    from diffusers import StableDiffusionPipeline
+    u = result['unet']
+    if P.finetune_method == 'lora': save_lora(u, gdir/'lora')
+    else:
+        out = StableDiffusionPipeline(vae=_move(pipe.vae, 'cpu', torch.float32), text_encoder=_move(pipe.text_encoder, 'cpu', torch.float32),
+                                      tokenizer=pipe.tokenizer, unet=_move(u, 'cpu', torch.float32), scheduler=pipe.scheduler, safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False)
+        with atomic_path(gdir/'pipeline') as tmp: out.save_pretrained(tmp)
+    _write_log_csv(result['log'], gdir/'train_log.csv')
+    _plot_losses(result['log'], base_info.get('vae_loss'), gdir/'loss.png')
+    info = dict(key=key, method=P.finetune_method, base_model=P.base_model, steps=P.train_steps,
+                resolution=resolution, crop=crop, checkpoint=f'step-{P.train_steps}', final_loss=result['log'][-1]['loss'] if result['log'] else None,
+                resumed_from=result['resumed_from'], num_processes=result['accelerator'].num_processes,
+                seconds=dict(vae=base_info.get('vae_seconds'), cache=cache.get('seconds'), unet=result['seconds']),
+                files=dict(pipeline='pipeline' if P.finetune_method == 'full' else None,
+                           lora=f'lora/{LORA_WEIGHTS}' if P.finetune_method == 'lora' else None))
+    write_json(gdir/'generator.json', info)
+    print(f"finetune: {P.finetune_method} {P.train_steps} steps in {result['seconds']} s (final loss {info['final_loss']:.4f}) -> {gdir}")
+    return info
+
+# %% ../nbs/03_finetune.ipynb #babbba14
 def run_finetune(P:Params,                 # resolved parameters
                  *, force:bool=False,      # train from step 0 even when generator/ is complete or has checkpoints
                  progress:bool=True) -> Path:
     "The fine-tuning stage: train the generator of `P` into `<run_dir>/generator/`; resumable. Returns that folder."
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from medsynth.data import load_split, load_classes
     run_dir = Path(P.run_dir); gdir = run_dir/'generator'
     key = finetune_key(P)
-    done = gdir/'generator.json'
-    if not force and done.exists() and read_json(done).get('key') == key:
+    if not force and generator_complete(gdir, key):
         print(f"finetune: {gdir} is complete for these parameters; kept as it is"); return gdir
     if P.base_model == 'tiny' and P.finetune_method == 'lora':
         raise ParamsError("`finetune_method`: lora needs a trained base, and base_model 'tiny' is untrained. Train it with "
                           "finetune_method: full, then set base_model to that run's generator/pipeline folder for a LoRA")
     gdir.mkdir(parents=True, exist_ok=True)
     acc = _make_accelerator(P, gdir)
-    dev, main = acc.device, acc.is_main_process
-    stamp = gdir/'key.json'   # what the checkpoints and cache in gdir were made for
-    if main and stamp.exists() and (force or read_json(stamp).get('key') != key):
-        print(f"finetune: {'forced' if force else 'parameters changed since the last run'}: starting over")
-        for p in ('checkpoints', 'samples', 'base', 'cache.pt', 'pipeline', 'lora', 'generator.json', 'logs'):
-            q = gdir/p; shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
-    if main: write_json(stamp, dict(key=key))
-    acc.wait_for_everyone()
-    wdtype = torch_dtype(resolve_precision(P.precision, dev))
-    # a training split that does not fit in memory is read a batch at a time to build the cache (not for `tiny`,
-    # whose VAE trains on it)
-    x, y = load_split(run_dir, 'train', lazy=None if P.base_model != 'tiny' else False); classes = load_classes(run_dir)
-    if not isinstance(x, np.ndarray):
-        print(f"finetune: {run_dir/'data'/'train'} does not fit in memory: its {len(x):,} images are decoded a batch at a time")
-    x, crop = fit_images(x, P.resolution)
-    if crop: print(f"finetune: images of {crop} px reflect-padded to {x.shape[1]} px (diffusers' pipelines need multiples of 8); "
-                   f"generated images are cropped back to {crop} px")
+    clear_stale(gdir, key, acc, force=force)
+    wdtype = torch_dtype(resolve_precision(P.precision, acc.device))
+    x, y, classes, crop = training_images(P)
     captions = [c['caption'] for c in classes]
     torch.manual_seed(P.seed)
-    # 1. base
-    base_info = {}
-    if P.base_model == 'tiny':
-        base_dir = gdir/'base'
-        if main and not (base_dir/'model_index.json').exists(): _tiny_base(P, x, captions, base_dir, dev)
-        acc.wait_for_everyone()
-        base_info = read_json(base_dir/'medsynth_base.json')
-        pipe = load_base(str(base_dir))
-    else:
-        pipe = load_base(P.base_model, dtype=wdtype if P.finetune_method == 'lora' else None)
-    pipe.vae.requires_grad_(False); pipe.text_encoder.requires_grad_(False)
-    # 2. cache
-    cpath = gdir/'cache.pt'
-    cache = None
-    if main and not cpath.exists():
-        cache = _build_cache(P, pipe, x, y, captions, cpath, dev, wdtype if dev.type != 'cpu' else torch.float32)
-        print(f"cache: {tuple(cache['mean'].shape)} latents ({P.cache_augment}) and {len(captions)}+1 caption embeddings in {cache['seconds']} s")
-    acc.wait_for_everyone()
-    if cache is None: cache = torch.load(cpath, weights_only=True)
+    pipe, base_info = base_pipeline(P, x, captions, gdir, acc, wdtype)                  # 1. base
+    cache = latent_cache(P, pipe, x, y, captions, gdir, acc, wdtype)                    # 2. cache
     res = int(x.shape[1]); del x   # training reads the cache only
-    fdtype = wdtype if dev.type != 'cpu' else torch.float32      # frozen parts, as diffusers' script keeps them
-    _move(pipe.vae, dev, fdtype); _move(pipe.text_encoder, dev, fdtype)
-    # 3. train
-    unet = pipe.unet
-    if P.finetune_method == 'lora':
-        _move(unet, dev, wdtype if dev.type != 'cpu' else torch.float32)
-        add_lora(unet, rank=P.lora_rank, alpha=P.lora_alpha, targets=P.lora_target_modules, init=P.lora_init)
-    else: _move(unet, dev, torch.float32).requires_grad_(True)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    if P.report_to != 'none':
-        acc.init_trackers('finetune', config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                               for k, v in P.stage_values('finetune').items()})
-    gen_kw = dict(steps=P.inference_steps, guidance_scale=P.guidance_scale, scheduler=P.scheduler, negative_prompt=P.negative_prompt)
-    def validate(u, step):
-        if not P.validation_images: return
-        vp = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=u,
-                                     scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        with acc.autocast():   # frozen parts in the weight dtype, a trained UNet in fp32
-            validation_grid(vp, captions, gdir/'samples'/f'step-{step:06d}.png', n=P.validation_images,
-                            labels=[c['name'] for c in classes], **gen_kw)
-    t = time.time()
-    r = train_unet(unet, noise_sched, cache, cache['text_emb'], cache['labels'], out_dir=gdir, steps=P.train_steps,
-                   lr=P.learning_rate, batch_size=P.train_batch_size, grad_accum=P.gradient_accumulation_steps,
-                   max_grad_norm=P.max_grad_norm, lr_scheduler=P.lr_scheduler, warmup=P.lr_warmup_steps,
-                   noise_offset=P.noise_offset, snr_gamma=P.snr_gamma, caption_dropout=P.caption_dropout,
-                   lora=P.finetune_method == 'lora', gradient_checkpointing=P.gradient_checkpointing, accelerator=acc,
-                   seed=P.seed, checkpoint_every=P.checkpoint_every, checkpoints_keep=P.checkpoints_keep,
-                   validation_every=P.validation_every, validate=validate, progress=progress)
-    unet_seconds = round(time.time() - t, 1)
-    # 4. save
-    if main:
-        u = r['unet']
-        if P.finetune_method == 'lora': save_lora(u, gdir/'lora')
-        else:
-            out = StableDiffusionPipeline(vae=_move(pipe.vae, 'cpu', torch.float32), text_encoder=_move(pipe.text_encoder, 'cpu', torch.float32),
-                                          tokenizer=pipe.tokenizer, unet=_move(u, 'cpu', torch.float32), scheduler=pipe.scheduler, safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
-            with atomic_path(gdir/'pipeline') as tmp: out.save_pretrained(tmp)
-        _write_log_csv(r['log'], gdir/'train_log.csv')
-        _plot_losses(r['log'], base_info.get('vae_loss'), gdir/'loss.png')
-        info = dict(key=key, method=P.finetune_method, base_model=P.base_model, steps=P.train_steps,
-                    resolution=res, crop=crop, checkpoint=f'step-{P.train_steps}', final_loss=r['log'][-1]['loss'] if r['log'] else None,
-                    resumed_from=r['resumed_from'], num_processes=acc.num_processes,
-                    seconds=dict(vae=base_info.get('vae_seconds'), cache=cache.get('seconds'), unet=unet_seconds),
-                    files=dict(pipeline='pipeline' if P.finetune_method == 'full' else None,
-                               lora=f'lora/{LORA_WEIGHTS}' if P.finetune_method == 'lora' else None))
-        write_json(done, info)
-        print(f"finetune: {P.finetune_method} {P.train_steps} steps in {unet_seconds} s (final loss {info['final_loss']:.4f}) -> {gdir}")
+    unet = trainable_unet(P, pipe, acc.device, wdtype)                                  # 3. train
+    r = train_generator(P, pipe, unet, cache, gdir, acc, validate=stage_validator(P, pipe, classes, gdir, acc), progress=progress)
+    if acc.is_main_process:                                                             # 4. save
+        save_generator(P, gdir, pipe, r, key=key, resolution=res, crop=crop, base_info=base_info, cache=cache)
     acc.wait_for_everyone()
     acc.end_training()
     return gdir
-
-# %% ../nbs/03_finetune.ipynb #75094d89
-def main(argv:list[str]|None=None):
-    "`python -m medsynth.finetune [PARAMS.yaml] [--run_dir DIR] [--set KEY=VALUE ...]`: the fine-tuning stage alone."
-    import argparse, yaml
-    ap = argparse.ArgumentParser(prog='python -m medsynth.finetune', description=main.__doc__)
-    ap.add_argument('params', nargs='?', default=None, help="a params file (default: the CPU demo)")
-    ap.add_argument('--run_dir', default=None, help="the run directory (default: outputs/<run_name>)")
-    ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help="override values")
-    a = ap.parse_args(argv)
-    bad = [s for s in a.set if '=' not in s]
-    if bad: ap.error(f"--set {bad[0]!r}: expected KEY=VALUE")
-    run_finetune(load_params(a.params, run_dir=a.run_dir, **{k: yaml.safe_load(v) for k, v in (s.split('=', 1) for s in a.set)}))
-
-if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'medsynth.finetune': main()   # python -m only
-
-# %% ../nbs/03_finetune.ipynb #88faa911
-def load_generator(P_or_run_dir,            # Params, or a run directory
-                   *, device=None,          # default: the params' device (auto: cuda, mps, cpu)
-                   dtype=None):             # default: the params' precision on GPU, fp32 on the CPU
-    "The trained `StableDiffusionPipeline` of a run: `generator/pipeline`, or the base + `generator/lora`."
-    if isinstance(P_or_run_dir, (str, Path)): run_dir, dev_name, prec = Path(P_or_run_dir), 'auto', 'auto'
-    else: run_dir, dev_name, prec = Path(P_or_run_dir.run_dir), P_or_run_dir.device, P_or_run_dir.precision
-    gdir = run_dir/'generator'
-    if not (gdir/'generator.json').exists():
-        raise FileNotFoundError(f"{gdir/'generator.json'} is missing: run the finetune stage (03_finetune) for {run_dir} first")
-    info = read_json(gdir/'generator.json')
-    device = torch.device(device) if device is not None else resolve_device(dev_name)
-    if dtype is None: dtype = torch_dtype(resolve_precision(prec, device))
-    if info['method'] == 'lora':
-        pipe = load_base(info['base_model'], dtype=dtype)
-        pipe.load_lora_weights(str(gdir/'lora'), weight_name=LORA_WEIGHTS)
-        pipe.fuse_lora(); pipe.unload_lora_weights()   # merged into the UNet's weights: no LoRA overhead when sampling
-    else: pipe = load_base(str(gdir/'pipeline'), dtype=dtype)
-    pipe.medsynth = info
-    return pipe.to(device)

@@ -4,86 +4,33 @@
 
 # %% ../nbs/04_generate.ipynb #81f81901
 from __future__ import annotations
-import json, time, hashlib
+import json, time, shutil, hashlib
 from pathlib import Path
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import Params, ParamsError, read_json, write_json, read_jsonl, write_jsonl, atomic_path
-from .finetune import load_generator, image_grid, check_images, finetune_key
+from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path
+from .data import load_classes
+from .sampling import load_generator, generate_images, image_grid
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'set_scheduler', 'generate_images', 'image_seed', 'plan_round', 'merge_rows', 'generate_rows',
-           'generate_key', 'gen_settings', 'gen_kwargs', 'plot_generated', 'run_generate']
+__all__ = ['image_seed', 'plan_images', 'merge_rows', 'generate_rows', 'generate_key', 'gen_settings', 'gen_kwargs',
+           'plot_generated', 'run_generate']
 
 # %% ../nbs/04_generate.ipynb #c0f5ee6f
-SCHEDULERS = {
-    'dpmsolver++': ('DPMSolverMultistepScheduler', dict(algorithm_type='dpmsolver++')),
-    'dpmsolver++-karras': ('DPMSolverMultistepScheduler', dict(algorithm_type='dpmsolver++', use_karras_sigmas=True)),
-    'unipc': ('UniPCMultistepScheduler', {}),
-    'ddim': ('DDIMScheduler', {}),
-    'euler': ('EulerDiscreteScheduler', {}),
-    'euler_a': ('EulerAncestralDiscreteScheduler', {}),
-    'pndm': ('PNDMScheduler', {}),
-    'ddpm': ('DDPMScheduler', {}),
-}
+def image_seed(seed:int, label:int, index:int, rnd:int=0) -> int:
+    "The seed of image `index` of class `label` in self-check round `rnd` of a run seeded `seed`."
+    if not (0 <= index < 10**6 and 0 <= label < 10**4 and 0 <= rnd < 10**3):
+        raise ValueError(f"image_seed: index {index}, label {label} or round {rnd} out of range")
+    return ((seed * 10**3 + rnd) * 10**4 + label) * 10**6 + index
 
-def set_scheduler(pipe, name:str='dpmsolver++'):
-    "Give `pipe` the sampler `name` (a key of `SCHEDULERS`), built from its current scheduler config."
-    import diffusers
-    if name not in SCHEDULERS: raise ParamsError(f"`scheduler`: {name!r} is not one of {', '.join(SCHEDULERS)}")
-    cls, kw = SCHEDULERS[name]
-    cur = pipe.scheduler
-    if type(cur).__name__ != cls or any(cur.config.get(k) != v for k, v in kw.items()):
-        pipe.scheduler = getattr(diffusers, cls).from_config(cur.config, **kw)
-    return pipe
-
-# %% ../nbs/04_generate.ipynb #52b9da7c
-@torch.no_grad()
-def generate_images(pipe,                        # a StableDiffusionPipeline (load_generator)
-                    prompts:list[str],           # one caption per image
-                    seeds:list[int],             # one seed per image: image i is drawn from torch.Generator().manual_seed(seeds[i])
-                    *, steps:int=20,             # sampler steps
-                    guidance_scale:float=3.0,    # classifier-free guidance (1: off)
-                    negative_prompt:str|None=None, # caption to steer away from ('' or None: unconditional)
-                    size:int|None=None,          # image side; None: the generator's own (its training side, cropped back to the data's side when it trained on padded images)
-                    batch_size:int=32,           # images per pipeline call
-                    scheduler:str='dpmsolver++', # a key of SCHEDULERS
-                    output:str='pil',            # 'pil': list of PIL images; 'np': uint8 N×H×W×3 array
-                    progress:bool=False):
-    "Generate one image per prompt, batched, each reproducible alone from its seed."
-    if len(prompts) != len(seeds): raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    set_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    crop = None if size else getattr(pipe, 'medsynth', {}).get('crop')   # load_generator sets pipe.medsynth
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    gen_device = 'cpu' if pipe.device.type == 'mps' else pipe.device
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc='generate', disable=not progress, unit='batch'):
-        ps = list(prompts[i:i+batch_size])
-        gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds[i:i+batch_size]]
-        neg = None if not negative_prompt else [negative_prompt]*len(ps)
-        ims = pipe(ps, num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=neg, height=size,
-                   width=size, generator=gens, output_type='np').images
-        out.append((np.clip(ims, 0, 1) * 255).round().astype(np.uint8))
-    arr = np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
-    if crop: a = (size - crop) // 2; arr = np.ascontiguousarray(arr[:, a:a+crop, a:a+crop])
-    return arr if output == 'np' else [Image.fromarray(a) for a in arr]
-
-# %% ../nbs/04_generate.ipynb #a93d8ff2
-def image_seed(seed:int, label:int, index:int, round:int=0) -> int:
-    "The seed of image `index` of class `label` in round `round` of a run seeded `seed`."
-    if not (0 <= index < 10**6 and 0 <= label < 10**4 and 0 <= round < 10**3):
-        raise ValueError(f"image_seed: index {index}, label {label} or round {round} out of range")
-    return ((seed * 10**3 + round) * 10**4 + label) * 10**6 + index
-
-def plan_round(classes:list[dict],          # classes.json rows (index, name, caption)
-               n_per_class:int|dict,        # images per class (or {label: n})
-               *, seed:int,                 # the run's seed
-               round:int=0,                 # self-check round (0: the first generation)
-               start:int|dict=0,            # first image index per class (or {label: start})
-               gen:dict|None=None,          # sampler settings recorded with each row (steps, guidance_scale, scheduler, checkpoint)
+# %% ../nbs/04_generate.ipynb #415dd3e7
+def plan_images(classes:list[dict],          # classes.json rows (index, name, caption)
+                n_per_class:int|dict,        # images per class (or {label: n})
+                *, seed:int,                 # the run's seed
+                rnd:int=0,                   # self-check round (0: the first generation)
+                start:int|dict=0,            # first image index per class (or {label: start})
+                gen:dict|None=None,          # sampler settings recorded with each row (steps, guidance_scale, scheduler, checkpoint)
                ) -> list[dict]:
     "The metadata rows of the images a round asks for (`<class>/<NNNNNN>.png`; later rounds `<class>/rRR_<NNNNNN>.png`)."
     rows = []
@@ -91,9 +38,9 @@ def plan_round(classes:list[dict],          # classes.json rows (index, name, ca
         n = n_per_class.get(c['index'], 0) if isinstance(n_per_class, dict) else n_per_class
         s0 = start.get(c['index'], 0) if isinstance(start, dict) else start
         for j in range(s0, s0 + n):
-            rows.append(dict(file_name=f"{c['name']}/r{round:02d}_{j:06d}.png" if round else f"{c['name']}/{j:06d}.png",
-                             text=c['caption'], label=c['index'], seed=image_seed(seed, c['index'], j, round),
-                             round=round, **(gen or {})))
+            rows.append(dict(file_name=f"{c['name']}/r{rnd:02d}_{j:06d}.png" if rnd else f"{c['name']}/{j:06d}.png",
+                             text=c['caption'], label=c['index'], seed=image_seed(seed, c['index'], j, rnd),
+                             round=rnd, **(gen or {})))
     return rows
 
 # %% ../nbs/04_generate.ipynb #fba5cad0
@@ -103,8 +50,9 @@ def merge_rows(old:list[dict], new:list[dict]) -> list[dict]:
     d.update({r['file_name']: r for r in new})
     return sorted(d.values(), key=lambda r: (r['label'], r.get('round', 0), r['file_name']))
 
+# %% ../nbs/04_generate.ipynb #6c557c35
 def generate_rows(pipe,                         # the generator (load_generator)
-                  rows:list[dict],              # planned rows (plan_round): file_name, text, label, seed, ...
+                  rows:list[dict],              # planned rows (plan_images): file_name, text, label, seed, ...
                   folder:str|Path,              # the imagefolder (e.g. <run_dir>/generated)
                   *, batch_size:int=32,         # images per pipeline call
                   progress:bool=True,
@@ -143,6 +91,7 @@ def gen_kwargs(P:Params) -> dict:
     return dict(steps=P.inference_steps, guidance_scale=P.guidance_scale, negative_prompt=P.negative_prompt or None,
                 size=P.generate_size, scheduler=P.scheduler)
 
+# %% ../nbs/04_generate.ipynb #0e158bc1
 def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_class:int=8) -> Path:
     "A montage of the first `per_class` images of each class in an imagefolder, saved as PNG."
     folder = Path(folder)
@@ -157,12 +106,11 @@ def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_cl
         image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])).save(tmp, format='PNG')
     return Path(path)
 
+# %% ../nbs/04_generate.ipynb #1c51d95b
 def run_generate(P:Params,                 # resolved parameters
                  *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ go)
                  progress:bool=True) -> dict:
     "The generation stage: round 0 of `generated/` for `P`, generating only the images that are missing."
-    import shutil
-    from medsynth.data import load_classes
     run_dir = Path(P.run_dir); out = run_dir/'generated'; gdir = run_dir/'generator'
     if not (gdir/'generator.json').exists():
         raise FileNotFoundError(f"{gdir/'generator.json'} is missing: run the finetune stage (03_finetune) first")
@@ -177,7 +125,7 @@ def run_generate(P:Params,                 # resolved parameters
         for d in (out, run_dir/'rejected', run_dir/'selfcheck'): shutil.rmtree(d, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(stamp, dict(key=key, status='running'))
-    plan = plan_round(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
+    plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
     meta = read_jsonl(out/'metadata.jsonl') if (out/'metadata.jsonl').exists() else []
     rej = run_dir/'rejected'/'metadata.jsonl'
     have = {r['file_name'] for r in meta if (out/r['file_name']).exists()}

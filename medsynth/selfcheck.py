@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, remove_stale_temporaries
+from .sampling import load_generator, generate_images
 
 # %% auto #0
 __all__ = ['VERDICT_KEYS', 'judge', 'candidates_file', 'load_candidates', 'candidate_path', 'commit', 'class_status',
@@ -273,8 +274,7 @@ def run_selfcheck(P:Params,               # resolved parameters
     pipe = None
     def generate_fn(labels, seeds):
         nonlocal pipe
-        from medsynth.finetune import load_generator
-        from medsynth.generate import generate_images, gen_kwargs
+        from medsynth.generate import gen_kwargs
         if pipe is None: pipe = load_generator(P, device=device)
         return generate_images(pipe, [classes[l]['caption'] for l in labels], list(seeds), batch_size=P.generate_batch_size,
                                progress=True, **gen_kwargs(P))

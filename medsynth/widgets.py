@@ -14,6 +14,7 @@ import ipywidgets as W
 from .config import read_jsonl, load_params, resolve_device
 from .data import load_classes
 from .classify import load_classifier, predict
+from .sampling import load_generator, generate_images
 from .selfcheck import judge
 from fastcore.basics import patch
 
@@ -42,8 +43,6 @@ def _sampler_defaults(run_dir:Path) -> dict:
 
 def run_generator(run_dir:str|Path, *, device=None) -> Callable:
     "The run's fine-tuned generator as `generate_fn(label, seed, *, steps, guidance_scale, progress)`."
-    from medsynth.finetune import load_generator
-    from medsynth.generate import generate_images
     run_dir = Path(run_dir)
     P = load_params(run_dir/'params.yaml', run_dir=str(run_dir))
     classes = load_classes(run_dir)

@@ -63,7 +63,8 @@ def test_lora_on_tiny_base_loads_in_stock_diffusers(tiny_full, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from medsynth.data import run_data
-    from medsynth.finetune import run_finetune, load_generator
+    from medsynth.finetune import run_finetune
+    from medsynth.sampling import load_generator
     base = Path(tiny_full.run_dir)/'generator'/'pipeline'
     P = tiny_params(tmp_path, base_model=str(base), finetune_method='lora', lora_rank=4, learning_rate=1.0e-2,
                     train_steps=15, lora_init='default')
@@ -195,8 +196,8 @@ def test_sd15_shaped_lora_step_and_generation(tmp_path):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from medsynth.data import phantom_dataset
     from medsynth.finetune import (build_sd15_shaped_pipeline, add_lora, encode_images, encode_captions, train_unet,
-                                   save_lora, LORA_WEIGHTS)
-    from medsynth.generate import generate_images
+                                   save_lora)
+    from medsynth.sampling import generate_images, LORA_WEIGHTS
     torch.set_num_threads(2)
     caps = ["an H&E stained histopathology image of adipose", "an H&E stained histopathology image of mucus"]
     pipe = build_sd15_shaped_pipeline(caps)

@@ -25,8 +25,7 @@ def _copy_run(P, dest, **kw):
 def _pixels(f): return np.asarray(Image.open(f).convert('RGB')).astype(int)
 
 def test_batched_images_are_reproducible_alone(trained):
-    from medsynth.finetune import load_generator
-    from medsynth.generate import generate_images
+    from medsynth.sampling import load_generator, generate_images
     pipe = load_generator(trained)
     caps = [c['caption'] for c in json.loads((Path(trained.run_dir)/'data'/'classes.json').read_text())]
     batch = generate_images(pipe, caps[:3], [11, 12, 13], steps=4, batch_size=3, output='np')
@@ -56,8 +55,8 @@ def test_run_generate_files_metadata_and_determinism(trained, tmp_path):
 
 def test_any_image_regenerates_from_its_row(trained):
     from medsynth.config import read_jsonl
-    from medsynth.finetune import load_generator
-    from medsynth.generate import run_generate, generate_images
+    from medsynth.sampling import load_generator, generate_images
+    from medsynth.generate import run_generate
     run_generate(trained, progress=False)
     out = Path(trained.run_dir)/'generated'
     r = read_jsonl(out/'metadata.jsonl')[7]
@@ -96,8 +95,7 @@ def test_rerun_generates_only_what_is_missing(trained, tmp_path):
 
 def test_schedulers(trained):
     from medsynth.config import ParamsError
-    from medsynth.finetune import load_generator
-    from medsynth.generate import set_scheduler, SCHEDULERS
+    from medsynth.sampling import load_generator, set_scheduler, SCHEDULERS
     pipe = load_generator(trained)
     for name in SCHEDULERS:
         set_scheduler(pipe, name)

@@ -345,7 +345,7 @@ def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
     # the CAS / augmentation classifiers are trained enough to compare (3 epochs' budget gave 0.37-0.47; 10 give 0.71-0.72)
     assert m['cas']['real_same_recipe']['accuracy'] >= 0.6, m['cas']['real_same_recipe']
 
-@pytest.mark.parametrize('name', sorted(p.name for p in (ROOT/'nbs').glob('[0-9][0-9]_*.ipynb')))
+@pytest.mark.parametrize('name', sorted(p.name for p in (ROOT/'nbs').glob('[0-9][0-9]*_*.ipynb')))
 def test_every_chapter_has_its_open_in_colab_badge(name):
     "Each chapter (and so its docs page) links to itself in Colab, right under its title."
     from medsynth.pipeline import colab_badge
