@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_finetune.ipynb #2c30e886
 from __future__ import annotations
-import re, json, math, time, shutil, hashlib, contextlib, collections
+import re, json, math, time, shutil, contextlib, collections
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import (Params, ParamsError, read_json, write_json, write_text, atomic_path,
+from .config import (Params, ParamsError, read_json, write_json, write_text, atomic_path, save_png, fingerprint,
                              resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
 from .data import load_split, load_classes
 from .sampling import LORA_WEIGHTS, load_base, generate_images, image_grid, check_images
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'AUGMENTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline', 'encode_captions',
-           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'toy_run_dir', 'dihedral',
-           'to_pixels', 'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora',
-           'save_lora', 'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'resume_training',
-           'prepare_training', 'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution',
-           'fit_images', 'finetune_key', 'generator_complete', 'clear_stale', 'training_images', 'base_pipeline',
-           'latent_cache', 'trainable_unet', 'stage_validator', 'train_generator', 'save_generator', 'run_finetune']
+           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'dihedral', 'to_pixels',
+           'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora', 'save_lora',
+           'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'resume_training', 'prepare_training',
+           'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution', 'fit_images', 'finetune_key',
+           'generator_complete', 'clear_stale', 'training_images', 'base_pipeline', 'latent_cache', 'trainable_unet',
+           'stage_validator', 'train_generator', 'save_generator', 'run_finetune']
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -208,35 +208,6 @@ def build_sd15_shaped_pipeline(captions:list[str],  # captions for the offline t
                                         beta_schedule='scaled_linear', algorithm_type='dpmsolver++', steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-# %% ../nbs/03_finetune.ipynb #047624b5
-def toy_run_dir(run_dir:str|Path,            # where to write data/
-                *, n_per_class:int=8,         # training images per class
-                size:int=16,                  # image side
-                n_classes:int=4,              # up to 9
-                seed:int=0) -> Path:
-    "Write a minimal `data/` (classes.json, train split) of distinct colour/stripe classes: for examples and tests."
-    names = ['adipose', 'background', 'debris', 'lymphocytes', 'mucus', 'smooth muscle', 'normal colon mucosa',
-             'cancer-associated stroma', 'colorectal adenocarcinoma epithelium'][:n_classes]
-    cols = np.array([[240, 200, 220], [230, 230, 235], [180, 120, 170], [80, 40, 120], [170, 180, 230],
-                     [220, 100, 140], [200, 130, 200], [245, 190, 200], [120, 50, 100]], dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    run_dir, rows = Path(run_dir), []
-    yy, xx = np.mgrid[0:size, 0:size]
-    classes = [dict(index=i, name=n, caption=f"an H&E stained histopathology image of {n}") for i, n in enumerate(names)]
-    for c in classes:
-        (run_dir/'data'/'train'/c['name']).mkdir(parents=True, exist_ok=True)
-        for j in range(n_per_class):
-            stripes = np.sin((xx if c['index'] % 2 else yy) * (0.5 + 0.4*c['index']) + rng.uniform(0, 6))[..., None]
-            im = np.clip(cols[c['index']] * (0.85 + 0.15*stripes) + rng.normal(0, 6, (size, size, 3)), 0, 255)
-            fn = f"{c['name']}/{j:06d}.png"
-            Image.fromarray(im.astype(np.uint8)).save(run_dir/'data'/'train'/fn)
-            rows.append(dict(file_name=fn, text=c['caption'], label=c['index']))
-    write_json(run_dir/'data'/'classes.json', classes)
-    write_json(run_dir/'data'/'summary.json', dict(image_size=[size, size], classes=names,
-                                                  counts={'train': {n: n_per_class for n in names}}))
-    (run_dir/'data'/'train'/'metadata.jsonl').write_text(''.join(json.dumps(r)+'\n' for r in rows))
-    return run_dir
 
 # %% ../nbs/03_finetune.ipynb #631d7145
 AUGMENTS = {'none': [0], 'flip': [0, 4], 'dihedral': list(range(8))}   # cache_augment -> the `dihedral` symmetries k it caches
@@ -571,7 +542,7 @@ def validation_grid(pipe,                       # a StableDiffusionPipeline
     ims = ims.reshape(len(captions), n, *ims.shape[1:])
     if path is not None:
         scale = max(1, 64 // ims.shape[2])
-        with atomic_path(path) as tmp: image_grid(list(ims), labels=labels or captions, scale=scale).save(tmp, format='PNG')
+        save_png(image_grid(list(ims), labels=labels or captions, scale=scale), path)
     check_images(ims, where=f"the validation grid {Path(path).name if path else ''}".strip())
     return ims
 
@@ -614,7 +585,7 @@ def finetune_key(P:Params) -> str:
     "Fingerprint of everything that shapes the generator (data and fine-tuning values, seed, precision)."
     vals = {k: v for k, v in P.stage_values('finetune').items() if k not in _NOT_TRAINING}
     vals.update(data=params_hash(P, 'data'), seed=P.seed, precision=P.precision)
-    return hashlib.sha256(json.dumps(vals, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(vals)
 
 # %% ../nbs/03_finetune.ipynb #d8235d02
 def _make_accelerator(P:Params, gdir:Path):

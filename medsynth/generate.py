@@ -4,18 +4,18 @@
 
 # %% ../nbs/04_generate.ipynb #81f81901
 from __future__ import annotations
-import json, time, shutil, hashlib
+import json, time, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path
+from .config import Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint
 from .data import load_classes
 from .sampling import load_generator, generate_images, image_grid
 
 # %% auto #0
-__all__ = ['image_seed', 'plan_images', 'merge_rows', 'generate_rows', 'generate_key', 'gen_settings', 'gen_kwargs',
-           'plot_generated', 'run_generate']
+__all__ = ['image_seed', 'candidate_file', 'plan_images', 'merge_rows', 'generate_rows', 'generate_key', 'gen_settings',
+           'gen_kwargs', 'plot_generated', 'run_generate']
 
 # %% ../nbs/04_generate.ipynb #c0f5ee6f
 def image_seed(seed:int, label:int, index:int, rnd:int=0) -> int:
@@ -25,6 +25,13 @@ def image_seed(seed:int, label:int, index:int, rnd:int=0) -> int:
     return ((seed * 10**3 + rnd) * 10**4 + label) * 10**6 + index
 
 # %% ../nbs/04_generate.ipynb #415dd3e7
+def candidate_file(name:str,   # the class's folder name
+                   index:int,   # the image's number within its class and round
+                   rnd:int=0    # the self-check round (0: the first generation)
+                  ) -> str:
+    "The file name of a generated image: `<class>/<NNNNNN>.png` in round 0, `<class>/rRR_<NNNNNN>.png` in later rounds."
+    return f"{name}/r{rnd:02d}_{index:06d}.png" if rnd else f"{name}/{index:06d}.png"
+
 def plan_images(classes:list[dict],          # classes.json rows (index, name, caption)
                 n_per_class:int|dict,        # images per class (or {label: n})
                 *, seed:int,                 # the run's seed
@@ -38,7 +45,7 @@ def plan_images(classes:list[dict],          # classes.json rows (index, name, c
         n = n_per_class.get(c['index'], 0) if isinstance(n_per_class, dict) else n_per_class
         s0 = start.get(c['index'], 0) if isinstance(start, dict) else start
         for j in range(s0, s0 + n):
-            rows.append(dict(file_name=f"{c['name']}/r{rnd:02d}_{j:06d}.png" if rnd else f"{c['name']}/{j:06d}.png",
+            rows.append(dict(file_name=candidate_file(c['name'], j, rnd),
                              text=c['caption'], label=c['index'], seed=image_seed(seed, c['index'], j, rnd),
                              round=rnd, **(gen or {})))
     return rows
@@ -59,14 +66,14 @@ def generate_rows(pipe,                         # the generator (load_generator)
                   **gen_kw) -> list[dict]:      # generate_images settings: steps, guidance_scale, negative_prompt, size, scheduler
     "Generate the images of `rows` into `folder` and merge the rows into `folder/metadata.jsonl`; returns the rows."
     folder = Path(folder); meta = folder/'metadata.jsonl'
-    done = read_jsonl(meta) if meta.exists() else []
+    done = read_jsonl(meta, missing_ok=True)
     bar = tqdm(total=len(rows), desc='generate', unit='img', disable=not progress)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i+batch_size]
         ims = generate_images(pipe, [r['text'] for r in batch], [r['seed'] for r in batch], batch_size=batch_size,
                               output='np', **gen_kw)
         for r, a in zip(batch, ims):
-            with atomic_path(folder/r['file_name']) as tmp: Image.fromarray(a).save(tmp, format='PNG')
+            save_png(a, folder/r['file_name'])
         done = merge_rows(done, batch)
         write_jsonl(meta, done)
         bar.update(len(batch))
@@ -79,7 +86,7 @@ def generate_key(P:Params, generator_info:dict) -> str:
     vals = dict(generator=generator_info.get('key'), checkpoint=generator_info.get('checkpoint'), seed=P.seed,
                 scheduler=P.scheduler, steps=P.inference_steps, guidance_scale=P.guidance_scale,
                 negative_prompt=P.negative_prompt, size=P.generate_size)
-    return hashlib.sha256(json.dumps(vals, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(vals)
 
 def gen_settings(P:Params, generator_info:dict) -> dict:
     "The sampler settings recorded in every metadata row."
@@ -95,16 +102,14 @@ def gen_kwargs(P:Params) -> dict:
 def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_class:int=8) -> Path:
     "A montage of the first `per_class` images of each class in an imagefolder, saved as PNG."
     folder = Path(folder)
-    rows = read_jsonl(folder/'metadata.jsonl') if (folder/'metadata.jsonl').exists() else []
+    rows = read_jsonl(folder/'metadata.jsonl', missing_ok=True)
     tiles = []
     for c in classes:
         fs = [r['file_name'] for r in rows if r['label'] == c['index']][:per_class]
         tiles.append(np.stack([np.asarray(Image.open(folder/f).convert('RGB')) for f in fs]) if fs else None)
     shape = next((t.shape[1:] for t in tiles if t is not None), (32, 32, 3))
     tiles = [t if t is not None else np.full((1, *shape), 255, np.uint8) for t in tiles]
-    with atomic_path(path) as tmp:
-        image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])).save(tmp, format='PNG')
-    return Path(path)
+    return save_png(image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])), path)
 
 # %% ../nbs/04_generate.ipynb #1c51d95b
 def run_generate(P:Params,                 # resolved parameters
@@ -126,10 +131,10 @@ def run_generate(P:Params,                 # resolved parameters
     out.mkdir(parents=True, exist_ok=True)
     write_json(stamp, dict(key=key, status='running'))
     plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
-    meta = read_jsonl(out/'metadata.jsonl') if (out/'metadata.jsonl').exists() else []
+    meta = read_jsonl(out/'metadata.jsonl', missing_ok=True)
     rej = run_dir/'rejected'/'metadata.jsonl'
     have = {r['file_name'] for r in meta if (out/r['file_name']).exists()}
-    have |= {r['file_name'] for r in (read_jsonl(rej) if rej.exists() else [])}
+    have |= {r['file_name'] for r in read_jsonl(rej, missing_ok=True)}
     # a PNG written just before an interruption, whose row had not reached metadata.jsonl yet (writes are atomic)
     recovered = [r for r in plan if r['file_name'] not in have and (out/r['file_name']).exists()]
     if recovered: write_jsonl(out/'metadata.jsonl', merge_rows(meta, recovered)); have |= {r['file_name'] for r in recovered}
