@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, re, sys, json, time, html, base64, shutil, hashlib, argparse, warnings, subprocess, unicodedata
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from execnb.nbio import read_nb, write_nb, mk_cell, dict2nb
+from execnb.nbio import read_nb, write_nb
 from nbdev.config import get_config
 from nbdev.doclinks import nbglob, _nbpath2html
 from nbdev.process import extract_directives
@@ -23,6 +23,7 @@ __all__ = ['DocsError', 'doc_notebooks', 'page_path', 'test_flags', 'cell_direct
 class DocsError(RuntimeError):
     "The docs site could not be built: a notebook failed, or an input is not what the build expects."
 
+# %% ../nbs/09_docs.ipynb #b476bbdf
 def doc_notebooks(nbs_path:str|Path|None=None # folder of the notebooks; None is settings.ini's `nbs_path`
                  ) -> list[Path]:
     "The notebooks of the site in reading order: `index.ipynb` first, then by file name."
@@ -121,6 +122,7 @@ class exec_show_docs_light(exec_show_docs):
         if self.flags & set(getattr(cell, 'directives_', None) or {}): return
         return super().__call__(cell)
 
+# %% ../nbs/09_docs.ipynb #4827b9e3
 class exec_show_docs_in(exec_show_docs):
     "Run only the `show_doc` cells, in `kernel`: a kernel that has already run the notebook."
     kernel = None
@@ -133,6 +135,7 @@ class exec_show_docs_in(exec_show_docs):
         if self.k.exc:
             raise DocsError(f"{Path(self.nb.path_).name}: `show_doc` failed in cell {cell.idx_}:\n{cell.source}") from self.k.exc
 
+# %% ../nbs/09_docs.ipynb #bc3e84d2
 class DocsFilter(FilterDefaults):
     "nbdev's docs processors, with `exec_show_docs_in` (given a kernel) or `exec_show_docs_light` in place of `exec_show_docs`."
     def __init__(self, shell=None): self.shell = shell
@@ -140,6 +143,7 @@ class DocsFilter(FilterDefaults):
         ex = exec_show_docs_light if self.shell is None else type('exec_show_docs_in', (exec_show_docs_in,), {'kernel': self.shell})
         return [ex if p is exec_show_docs else p for p in super().base_procs()]
 
+# %% ../nbs/09_docs.ipynb #4b985471
 def process_nb(nb,              # a notebook, executed or not
                path:str|Path,   # where it was read from
                shell=None       # the kernel that ran it (see `execute_nb`); None: nbdev's way, in a fresh kernel
@@ -185,6 +189,7 @@ class Page:
     seconds:float=0.0   # time spent running and processing it
     cached:bool=False   # taken from `_proc/` without running it
 
+# %% ../nbs/09_docs.ipynb #157e7fc8
 def _doc_url() -> str:
     cfg = get_config()
     return (cfg.get('doc_host', '') + cfg.get('doc_baseurl', '')).rstrip('/') + '/'
@@ -211,6 +216,7 @@ def _rewrite_links(md:str, page:str, pages:dict[str, str], nb_pages:dict[str, st
     md = re.sub(r'(\]\s?)\(([^)\s]+)(\s+"[^"]*")?\)', _md, md)
     return re.sub(r'(href=)"([^"]+)"', _href, md)
 
+# %% ../nbs/09_docs.ipynb #87f13714
 def _output_md(o, files_dir:Path, stem:str) -> tuple[str, int]:
     "Markdown for one output, and how many figures it wrote."
     ot = o.get('output_type')
@@ -244,6 +250,7 @@ def _output_md(o, files_dir:Path, stem:str) -> tuple[str, int]:
         return f'<pre class="cell-output"><code>{html.escape(_stream_text(data["text/plain"]))}</code></pre>', 0
     return '', 0
 
+# %% ../nbs/09_docs.ipynb #71b22ba2
 def nb_markdown(nb,                      # a processed notebook
                 page:str,                # its page, relative to the site root (`data.html`)
                 docs_dir:str|Path,       # where the page's figures are written (`<docs_dir>/data_files/`)
@@ -387,6 +394,12 @@ def _cache_key(nb_path:Path, run_dir:Path|None, flags:set[str]) -> str:
         for f in ('params.yaml', 'report/metrics.json'): h.update((run_dir/f).read_bytes())
     return h.hexdigest()
 
+def _cached(dst:Path, key:str) -> bool:
+    if not dst.exists(): return False
+    try: return json.loads(dst.read_text()).get('metadata', {}).get('medsynth_docs', {}).get('key') == key
+    except ValueError: return False
+
+# %% ../nbs/09_docs.ipynb #632042af
 def _build_nb(src:str, dst:str, key:str, run_dir:str|None, flags:list[str]) -> float:
     "Worker: run the notebook `src`, process it, write it to `dst`; returns the seconds it took."
     t = time.time()
@@ -399,11 +412,26 @@ def _build_nb(src:str, dst:str, key:str, run_dir:str|None, flags:list[str]) -> f
     write_nb(nb, dst)
     return time.time() - t
 
-def _cached(dst:Path, key:str) -> bool:
-    if not dst.exists(): return False
-    try: return json.loads(dst.read_text()).get('metadata', {}).get('medsynth_docs', {}).get('key') == key
-    except ValueError: return False
+def _run_jobs(jobs:dict, pages:list[Page], n_workers:int, say):
+    "Run `jobs` (`_build_nb`'s arguments by notebook) in fresh worker processes, `n_workers` at once; note each page's seconds."
+    if not jobs: return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+    from medsynth import docs as _mod  # worker processes import the exported function
+    ctx = multiprocessing.get_context('spawn')
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, max_tasks_per_child=1) as ex:
+        futs = {ex.submit(_mod._build_nb, *job): name for name, job in jobs.items()}
+        errors = []
+        for f in as_completed(futs):
+            name = futs[f]
+            try:
+                secs = f.result()
+                next(p for p in pages if p.notebook == name).seconds = round(secs, 1)
+                say(f"  {name}: {secs:.1f} s")
+            except Exception as e: errors.append(f"{name}: {e}")
+    if errors: raise DocsError("the docs build failed:\n" + '\n\n'.join(errors))
 
+# %% ../nbs/09_docs.ipynb #bc7b2277
 def _copy_support_files(nbs_path:Path, proc_dir:Path):
     "The other files of the notebook folder (`_quarto.yml`, `styles.css`, images...) go to `_proc/` as nbdev copies them."
     for f in nbs_path.rglob('*'):
@@ -422,54 +450,32 @@ def _check_out_dir(out_dir:Path, nbs_path:Path):
         raise DocsError(f"{out_dir}: a folder that is not empty and is not a previous medsynth-docs build; "
                         "choose an empty or new folder")
 
-def build_site(out_dir:str|Path='_site',       # the site folder; relative paths are taken from the repository root
-               *, run_dir:str|Path|None=None,  # a finished run: stage pages show its figures
-               nbs_path:str|Path|None=None,    # the notebooks; None is settings.ini's `nbs_path`
-               proc_dir:str|Path|None=None,    # processed notebooks; None is `_proc/` in the repository
-               n_workers:int|None=None,        # notebooks run at once; None is min(2, CPUs)
-               force:bool=False,               # run every notebook even if `_proc/` has it up to date
-               quiet:bool=False                # no progress output
-              ) -> list[Page]:
-    "Build the static docs site from the notebooks into `out_dir`; return its pages in order."
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    import multiprocessing
-    from medsynth import docs as _mod  # worker processes import the exported function
+# %% ../nbs/09_docs.ipynb #ab35c586
+def _site_dirs(out_dir:str|Path, nbs_path:str|Path|None, proc_dir:str|Path|None) -> tuple[Path, Path, Path]:
+    "The site, notebook and processed-notebook folders as absolute paths (relative ones from the repository root)."
     cfg = get_config()
     root = cfg.config_path
     nbs_path = Path(nbs_path or cfg.nbs_path).resolve()
     out_dir = (root/out_dir).resolve() if not Path(out_dir).is_absolute() else Path(out_dir).resolve()
     proc_dir = Path(proc_dir).resolve() if proc_dir else (root/'_proc').resolve()
-    _check_out_dir(out_dir, nbs_path)
-    if run_dir is not None: run_dir = _run_dir_checked(run_dir)
-    flags = test_flags()
-    n_workers = n_workers or min(2, os.cpu_count() or 1)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    return out_dir, nbs_path, proc_dir
+
+def _plan_pages(nbs_path:Path, proc_dir:Path, run_dir:Path|None, flags:set[str], force:bool) -> tuple[list[Page], dict]:
+    "The pages of the site in order, and `_build_nb`'s jobs for the notebooks whose processed copy is not up to date."
     nbs = doc_notebooks(nbs_path)
     if not nbs: raise DocsError(f"{nbs_path}: no notebooks")
     pages = [Page(notebook=nb.relative_to(nbs_path).as_posix(), page=page_path(nb, nbs_path).as_posix(), title='', description='')
              for nb in nbs]
-    proc_dir.mkdir(parents=True, exist_ok=True)
-    _copy_support_files(nbs_path, proc_dir)
     jobs = {}
     for nb, pg in zip(nbs, pages):
         dst, key = proc_dir/pg.notebook, _cache_key(nb, run_dir, flags)
         if not force and _cached(dst, key): pg.cached = True
         else: jobs[pg.notebook] = (str(nb), str(dst), key, str(run_dir) if run_dir else None, sorted(flags))
-    t0 = time.time()
-    say(f"medsynth-docs: {len(pages)} notebooks, {len(jobs)} to run ({n_workers} at a time), the rest up to date in {proc_dir}")
-    if jobs:
-        ctx = multiprocessing.get_context('spawn')
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, max_tasks_per_child=1) as ex:
-            futs = {ex.submit(_mod._build_nb, *job): name for name, job in jobs.items()}
-            errors = []
-            for f in as_completed(futs):
-                name = futs[f]
-                try:
-                    secs = f.result()
-                    next(p for p in pages if p.notebook == name).seconds = round(secs, 1)
-                    say(f"  {name}: {secs:.1f} s")
-                except Exception as e: errors.append(f"{name}: {e}")
-        if errors: raise DocsError("the docs build failed:\n" + '\n\n'.join(errors))
+    return pages, jobs
+
+# %% ../nbs/09_docs.ipynb #5d8d73d9
+def _markdown_pages(pages:list[Page], proc_dir:Path) -> Path:
+    "Write the Markdown pages of the processed notebooks, with their figures and the site's styles and images; their folder."
     docs_dir = proc_dir/'_mkdocs'/'docs'
     if docs_dir.exists(): shutil.rmtree(docs_dir)
     docs_dir.mkdir(parents=True)
@@ -493,6 +499,11 @@ def build_site(out_dir:str|Path='_site',       # the site folder; relative paths
             (docs_dir/rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, docs_dir/rel)
     if not (docs_dir/'styles.css').exists(): (docs_dir/'styles.css').write_text('')
+    return docs_dir
+
+# %% ../nbs/09_docs.ipynb #7ecea7f8
+def _render_site(pages:list[Page], docs_dir:Path, out_dir:Path, proc_dir:Path, say):
+    "Render the Markdown pages with MkDocs into `out_dir`, marked as a medsynth-docs build by the list of its pages."
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir/'.medsynth-docs').touch()  # MkDocs' clean keeps dot files: the folder stays marked as a docs build
     yml = proc_dir/'_mkdocs'/'mkdocs.yml'
@@ -504,6 +515,31 @@ def build_site(out_dir:str|Path='_site',       # the site folder; relative paths
         raise DocsError(f"mkdocs build failed (is it installed? pip install mkdocs mkdocs-material):\n{r.stderr[-3000:]}")
     if log: say(log)
     (out_dir/'.medsynth-docs').write_text(json.dumps([asdict(p) for p in pages], indent=1) + '\n')
+
+# %% ../nbs/09_docs.ipynb #a6f7dae9
+def build_site(out_dir:str|Path='_site',       # the site folder; relative paths are taken from the repository root
+               *, run_dir:str|Path|None=None,  # a finished run: stage pages show its figures
+               nbs_path:str|Path|None=None,    # the notebooks; None is settings.ini's `nbs_path`
+               proc_dir:str|Path|None=None,    # processed notebooks; None is `_proc/` in the repository
+               n_workers:int|None=None,        # notebooks run at once; None is min(2, CPUs)
+               force:bool=False,               # run every notebook even if `_proc/` has it up to date
+               quiet:bool=False                # no progress output
+              ) -> list[Page]:
+    "Build the static docs site from the notebooks into `out_dir`; return its pages in order."
+    out_dir, nbs_path, proc_dir = _site_dirs(out_dir, nbs_path, proc_dir)
+    _check_out_dir(out_dir, nbs_path)
+    if run_dir is not None: run_dir = _run_dir_checked(run_dir)
+    flags = test_flags()
+    n_workers = n_workers or min(2, os.cpu_count() or 1)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    pages, jobs = _plan_pages(nbs_path, proc_dir, run_dir, flags, force)
+    proc_dir.mkdir(parents=True, exist_ok=True)
+    _copy_support_files(nbs_path, proc_dir)
+    t0 = time.time()
+    say(f"medsynth-docs: {len(pages)} notebooks, {len(jobs)} to run ({n_workers} at a time), the rest up to date in {proc_dir}")
+    _run_jobs(jobs, pages, n_workers, say)
+    docs_dir = _markdown_pages(pages, proc_dir)
+    _render_site(pages, docs_dir, out_dir, proc_dir, say)
     say(f"medsynth-docs: {len(pages)} pages in {out_dir} ({time.time()-t0:.0f} s); "
         f"view it with: python -m http.server -d {out_dir}")
     return pages

@@ -15,10 +15,10 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError', 'notebooks_dir',
-           'stage_notebook_problems', 'runner_skips', 'runner_cells', 'new_stage_notebook', 'colab_url', 'colab_badge',
+           'new_stage_notebook', 'stage_notebook_problems', 'runner_skips', 'runner_cells', 'colab_url', 'colab_badge',
            'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
-           'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage', 'run',
-           'notebook_rel', 'main']
+           'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage',
+           'notebook_rel', 'run', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #e045d3fd
 def check(params_file:str,        # a YAML params file
@@ -71,10 +71,11 @@ if ('google.colab' in sys.modules or any(k.startswith('COLAB_') for k in os.envi
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '/content/medsynth'], check=True)
     sys.path.insert(0, '/content/medsynth')"""
 
+# %% ../nbs/08_pipeline.ipynb #106b9433
 class PipelineError(RuntimeError):
     "The run cannot start: notebooks missing, run directory busy, a bad selection of stages."
 
-# %% ../nbs/08_pipeline.ipynb #81e2e393
+# %% ../nbs/08_pipeline.ipynb #fefa4652
 def notebooks_dir(nbs_dir:str|Path|None=None # a folder of stage notebooks; None is the checkout's `nbs/`
                  ) -> Path:
     "The folder that holds the stage notebooks, or a `PipelineError` that says how to get them."
@@ -91,6 +92,21 @@ def notebooks_dir(nbs_dir:str|Path|None=None # a folder of stage notebooks; None
             f"(git clone {GIT_URL} && pip install -e ./medsynth) and run from there, or pass --nbs DIR.")
     return root/'nbs'
 
+# %% ../nbs/08_pipeline.ipynb #ca946b3e
+def new_stage_notebook(*cells:str,          # code of the cells after the parameters cell
+                       path:str|Path|None=None # write the notebook here too
+                      ):
+    "A minimal stage notebook: the Colab cell, the `parameters` cell, then `cells` (tests and new stages start here)."
+    import nbformat
+    v4 = nbformat.v4
+    nb = v4.new_notebook(cells=[v4.new_code_cell(COLAB_CELL),
+                                v4.new_code_cell(PARAMETERS_CELL, metadata={'tags': ['parameters']}),
+                                *[v4.new_code_cell(c) for c in cells]])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    if path is not None: nbformat.write(nb, str(path))
+    return nb
+
+# %% ../nbs/08_pipeline.ipynb #0dd5961e
 def stage_notebook_problems(path:str|Path) -> list[str]:
     "What keeps the notebook at `path` from being a stage notebook the runner can execute (empty: none)."
     import nbformat
@@ -107,6 +123,7 @@ def stage_notebook_problems(path:str|Path) -> list[str]:
         out.append(f"{path}: the first code cell does not contain medsynth.pipeline.COLAB_CELL (the Colab install)")
     return out
 
+# %% ../nbs/08_pipeline.ipynb #38123c03
 def _directives(source:str) -> list[str]:
     "The nbdev directives (`#| x`) at the top of a cell: ['slow', 'hide', ...]."
     out = []
@@ -121,6 +138,7 @@ def runner_skips(cell) -> bool:
     d = _directives(cell.source)
     return bool({'slow', 'gpu'} & set(d)) or ('nbdev_export' in cell.source and bool(d))
 
+# %% ../nbs/08_pipeline.ipynb #c9fc3efd
 def _only_imports(source:str) -> bool:
     "True for a cell whose code is nothing but import statements."
     lines = [l for l in source.splitlines() if l.strip() and not l.lstrip().startswith('#')]
@@ -136,20 +154,6 @@ def runner_cells(cells:list) -> list:
         if i >= start or COLAB_CELL in c.source or _only_imports(c.source): return True
         return bool({'export', 'exports', 'exporti'} & set(_directives(c.source)))
     return [c for i, c in enumerate(cells) if keep(i, c)]
-
-# %% ../nbs/08_pipeline.ipynb #ca946b3e
-def new_stage_notebook(*cells:str,          # code of the cells after the parameters cell
-                       path:str|Path|None=None # write the notebook here too
-                      ):
-    "A minimal stage notebook: the Colab cell, the `parameters` cell, then `cells` (tests and new stages start here)."
-    import nbformat
-    v4 = nbformat.v4
-    nb = v4.new_notebook(cells=[v4.new_code_cell(COLAB_CELL),
-                                v4.new_code_cell(PARAMETERS_CELL, metadata={'tags': ['parameters']}),
-                                *[v4.new_code_cell(c) for c in cells]])
-    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
-    if path is not None: nbformat.write(nb, str(path))
-    return nb
 
 # %% ../nbs/08_pipeline.ipynb #711af070
 def colab_url(notebook:str) -> str:
@@ -210,6 +214,7 @@ def stage_state(run_dir:str|Path, stage:str, P:Params, *,
 class RunLocked(PipelineError):
     "Another run is writing the run directory."
 
+# %% ../nbs/08_pipeline.ipynb #637f892d
 class RunLock:
     "Exclusive ownership of a run directory while a run writes it (a context manager); the lock file's time is a heartbeat."
     def __init__(self, run_dir:str|Path, *, log=print,
@@ -333,6 +338,7 @@ def stage_function(stage:str, entry:str|None=None):
     mod, fn = (entry or STAGE_FUNCTIONS[stage]).split(':')
     return getattr(importlib.import_module(mod), fn)
 
+# %% ../nbs/08_pipeline.ipynb #bc63bb91
 def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|None=None, force:bool=False) -> list[str]:
     "The `accelerate launch` command line that runs `stage` in `P.num_processes` processes."
     dev = resolve_device(P.device)
@@ -347,26 +353,34 @@ def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|N
            '-m', 'medsynth.pipeline', 'stage', stage, str(params_path)]
     return cmd + (['--entry', entry] if entry else []) + (['--force'] if force else [])
 
+# %% ../nbs/08_pipeline.ipynb #1f171061
+def _run_logged(cmd:list[str], logf:Path, *, env:dict, cwd) -> tuple[int, list[str]]:
+    "Run `cmd` with its output (stdout and stderr) streamed into the file `logf`; its exit code and last 30 lines."
+    tail = collections.deque(maxlen=30)
+    with open(logf, 'w') as f:
+        pr = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+        for line in pr.stdout: f.write(line); f.flush(); tail.append(line.rstrip())
+        rc = pr.wait()
+    return rc, list(tail)
+
+def _launch_error(log_text:str, rc:int, tail:list[str]) -> str:
+    "What went wrong in launched processes: the last exception their log names, else the log's last lines."
+    errs = [l for l in log_text.splitlines()
+            if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
+    return f"{errs[-1]} (in the launched processes; `accelerate launch` exited with code {rc})" if errs else \
+           f"`accelerate launch` exited with code {rc}; its last lines:\n" + '\n'.join('    ' + l for l in tail)
+
 def launch_stage(stage:str, P:Params, *, entry:str|None=None, force:bool=False, log=print, env:dict|None=None) -> Path:
     "Run `stage` through `accelerate launch` in `P.num_processes` processes; its output goes to a log in the run dir."
     nbdir = Path(P.run_dir)/'notebooks'
     params_path = save_params(P, nbdir/f'{stage}.params.yaml')
     cmd, logf = accelerate_command(stage, P, params_path, entry=entry, force=force), nbdir/f'{stage}.accelerate.log'
     log(f"      accelerate launch: {P.num_processes} processes; follow them with: tail -f {logf}")
-    tail = collections.deque(maxlen=30)
-    with open(logf, 'w') as f:
-        pr = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, **(env or {})}, cwd=P.run_dir)
-        for line in pr.stdout: f.write(line); f.flush(); tail.append(line.rstrip())
-        rc = pr.wait()
-    if rc != 0:
-        errs = [l for l in logf.read_text(errors='replace').splitlines()
-                if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
-        what = f"{errs[-1]} (in the launched processes; `accelerate launch` exited with code {rc})" if errs else \
-               f"`accelerate launch` exited with code {rc}; its last lines:\n" + '\n'.join('    ' + l for l in tail)
-        raise StageFailed(stage, None, None, what, log=logf)
+    rc, tail = _run_logged(cmd, logf, env={**os.environ, **(env or {})}, cwd=P.run_dir)
+    if rc != 0: raise StageFailed(stage, None, None, _launch_error(logf.read_text(errors='replace'), rc, tail), log=logf)
     return logf
 
+# %% ../nbs/08_pipeline.ipynb #577ef942
 def stage_main(argv:list[str]) -> int:
     "`medsynth stage STAGE PARAMS [--run-dir DIR] [--set k=v ...] [--force]`: run one stage's function in this process."
     ap = argparse.ArgumentParser(prog='medsynth stage')
@@ -394,6 +408,7 @@ class StageFailed(RuntimeError):
         if self.log: lines.append(f"  log: {self.log}")
         return '\n'.join(lines)
 
+# %% ../nbs/08_pipeline.ipynb #13053319
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 
 def _failing_line(exec_count, source:str, traceback:list[str]) -> str:
@@ -414,6 +429,7 @@ def _from_papermill(stage, e, out_nb, src_nb) -> StageFailed:
     hint = " (the kernel died: out of memory?)" if name == 'DeadKernelError' else ''
     return StageFailed(stage, out_nb, src_nb, f"{name}: {e}{hint}")
 
+# %% ../nbs/08_pipeline.ipynb #a5104776
 # what a kernel prints as it shuts down: the stop request, and libzmq's abort when its socket closes under it
 _KERNEL_CHATTER = re.compile(r'^(\[IPKernelApp\] ERROR \| KeyboardInterrupt caught in kernel\.'
                              r'|Assertion failed: pfd\.revents & POLLIN \(src/signaler\.cpp:\d+\))\s*$', re.M)
@@ -450,7 +466,7 @@ def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, over
             if klog.exists() and not _KERNEL_CHATTER.sub('', klog.read_text(errors='replace')).strip(): klog.unlink()
             shutil.rmtree(td, ignore_errors=True)
 
-# %% ../nbs/08_pipeline.ipynb #a6266168
+# %% ../nbs/08_pipeline.ipynb #4a43c860
 def _select(stages:list[str], only:str|None, from_:str|None) -> list[str]:
     for name, v in (('--only', only), ('--from', from_)):
         if v is not None and v not in stages:
@@ -462,6 +478,7 @@ def _select(stages:list[str], only:str|None, from_:str|None) -> list[str]:
 
 def _fmt_s(s:float) -> str: return f"{s:.1f} s" if s < 90 else f"{int(s//60)} min {s%60:02.0f} s"
 
+# %% ../nbs/08_pipeline.ipynb #5bd68e2d
 def _update_timings(run_dir:Path, stage:str, entry:dict, memory_note:str):
     p = run_dir/'timings.json'
     try: t = read_json(p)
@@ -476,7 +493,71 @@ def _update_timings(run_dir:Path, stage:str, entry:dict, memory_note:str):
 _MEMORY_NOTE = ("peak_rss_mib: peak resident memory of the kernel that ran the stage and every process it started, "
                 "summed (sampled every 0.1 s; at least the largest process's own high-water mark)")
 
-# %% ../nbs/08_pipeline.ipynb #4a43c860
+# %% ../nbs/08_pipeline.ipynb #c7156a68
+def _prepare_drive(P:Params):
+    "On Colab with `use_drive`: Drive must be mounted (only the notebook's own kernel can mount it); set HF_HOME on it."
+    if not (P.use_drive and in_colab()): return
+    if not Path('/content/drive/MyDrive').exists():
+        raise PipelineError("the params ask for Google Drive (use_drive: true) and it is not mounted; mount it in the "
+                            "notebook first: from google.colab import drive; drive.mount('/content/drive')")
+    mount_drive(P)  # Drive is there: this points the Hugging Face cache at it, and every kernel inherits HF_HOME
+
+def notebook_rel(p:Path, root:Path) -> str:
+    "`p` relative to `root` where it is inside it."
+    try: return str(p.relative_to(root))
+    except ValueError: return str(p)
+
+# %% ../nbs/08_pipeline.ipynb #c30053f8
+def _run_params(params_file:str|Path|None, run_dir:str|None, overrides:dict) -> tuple[Params, str|None, dict]:
+    "The run's parameters, the params file as an absolute path, and the overrides as the stage kernels get them."
+    P = load_params(params_file, run_dir=run_dir, **overrides)
+    if params_file is not None:
+        pf = Path(params_file).expanduser()
+        params_file = str(pf.resolve() if pf.exists() else resolve_path(pf))
+    # give the kernel the resolved (absolute) value of every path override: they do not depend on its directory
+    return P, params_file, {k: (P[k] if SCHEMA[k].kind == 'path' else v) for k, v in overrides.items()}
+
+def _checked_notebooks(nbs_dir:str|Path|None, notebooks:dict, selected:list[str]) -> Path:
+    "The folder of stage notebooks, once every selected stage's notebook is there, with a proper `parameters` cell."
+    nbs = notebooks_dir(nbs_dir)
+    missing = [f"{s}: {nbs/notebooks[s]}" for s in selected if not (nbs/notebooks[s]).exists()]
+    if missing: raise PipelineError("stage notebooks not found:\n  " + '\n  '.join(missing))
+    problems = [p for s in selected for p in stage_notebook_problems(nbs/notebooks[s]) if 'parameters' in p]
+    if problems: raise PipelineError('\n'.join(problems))
+    return nbs
+
+# %% ../nbs/08_pipeline.ipynb #d560ca4e
+def _execute(stage:str, P:Params, src:Path, out:Path, *, force:bool, entry:str|None, log, **how) -> StageFailed|None:
+    "Run the notebook of `stage` (after `accelerate launch` for a launched stage); how it failed, or None."
+    try:
+        launched = stage in LAUNCHED_STAGES and P.num_processes > 1
+        if launched: launch_stage(stage, P, entry=entry, force=force, log=log)
+        execute_stage(src, out, run_dir=str(Path(P.run_dir)), force=force and not launched, **how)
+    except StageFailed as e:
+        e.notebook = e.notebook or out
+        return e
+    except Exception as e: return _from_papermill(stage, e, out, src)
+    return None
+
+def _run_stage(stage:str, P:Params, src:Path, out:Path, *, tag:str, reason:str, prev_id:str|None, log=print, **kw):
+    "Run one stage into the run directory: its timings, then its stamp when it succeeds; a `StageFailed` when not."
+    rd = Path(P.run_dir)
+    log(f"{tag} running ({reason}) ... [{datetime.now():%H:%M:%S}]")
+    _stamp_path(rd, stage).unlink(missing_ok=True)
+    t0 = time.time()
+    _update_timings(rd, stage, dict(status='running', started=_now(), notebook=str(out)), _MEMORY_NOTE)
+    with PeakRSS() as mem: err = _execute(stage, P, src, out, log=log, **kw)
+    wall = time.time() - t0
+    entry = dict(status='failed' if err else 'ran', wall_s=round(wall, 2), peak_rss_mib=round(mem.peak/2**20, 1),
+                 largest_process_mib=round(mem.largest/2**20, 1), finished=_now(), notebook=str(out))
+    _update_timings(rd, stage, entry, _MEMORY_NOTE)
+    if err:
+        log(f"{tag} FAILED after {_fmt_s(wall)}")
+        raise err
+    write_stamp(rd, stage, P, after=prev_id, wall_s=wall, notebook=notebook_rel(out, rd))
+    log(f"{tag} done in {_fmt_s(wall)}, peak memory {mem.peak/2**30:.2f} GiB")
+
+# %% ../nbs/08_pipeline.ipynb #ce1962c0
 def run(params_file:str|Path|None=None,  # a YAML params file; None runs the CPU demo's defaults
         *, run_dir:str|None=None,          # the run directory (default: the params' run_dir, else outputs/<run_name>)
         only:str|None=None,                # run this stage alone
@@ -492,23 +573,14 @@ def run(params_file:str|Path|None=None,  # a YAML params file; None runs the CPU
         dry_run:bool=False,                # only say what would run
         log=print) -> dict:                # where progress lines go
     "Run the stage notebooks in order into the run directory; returns `{stage: 'ran'|'skipped'}`."
-    overrides = dict(overrides or {})
-    P = load_params(params_file, run_dir=run_dir, **overrides)
-    if params_file is not None:
-        pf = Path(params_file).expanduser()
-        params_file = str(pf.resolve() if pf.exists() else resolve_path(pf))
-    # give the kernel the resolved (absolute) value of every path override: they do not depend on its directory
-    overrides = {k: (P[k] if SCHEMA[k].kind == 'path' else v) for k, v in overrides.items()}
+    P, params_file, overrides = _run_params(params_file, run_dir, dict(overrides or {}))
     notebooks = dict(notebooks or STAGE_NOTEBOOKS)
     outputs = STAGE_OUTPUTS if outputs is None else outputs
     stages = [s for s in STAGES if s in notebooks]
     selected = _select(stages, only, from_)
-    nbs = notebooks_dir(nbs_dir)
-    missing = [f"{s}: {nbs/notebooks[s]}" for s in selected if not (nbs/notebooks[s]).exists()]
-    if missing: raise PipelineError("stage notebooks not found:\n  " + '\n  '.join(missing))
-    problems = [p for s in selected for p in stage_notebook_problems(nbs/notebooks[s]) if 'parameters' in p]
-    if problems: raise PipelineError('\n'.join(problems))
-    progress = sys.stderr.isatty() if progress is None else progress
+    nbs = _checked_notebooks(nbs_dir, notebooks, selected)
+    how = dict(params_file=params_file, overrides=overrides, kernel_name=kernel_name,
+               progress=sys.stderr.isatty() if progress is None else progress)
     rd = Path(P.run_dir)
     log(f"medsynth run: {params_file or 'defaults (CPU demo)'} -> {rd}")
     if dry_run: lock = None
@@ -517,63 +589,28 @@ def run(params_file:str|Path|None=None,  # a YAML params file; None runs the CPU
     try:
         _prepare_drive(P)
         if not dry_run: save_params(P)  # the record of the latest run, even when the config stage is skipped
-        for i, stage in enumerate(stages):
-            if stage not in selected: continue
+        for n, stage in enumerate(selected):
+            i = stages.index(stage)
             prev = stages[i-1] if i else None
             prev_id = (read_stamp(rd, prev) or {}).get('id') if prev else None
-            tag = f"[{selected.index(stage)+1}/{len(selected)}] {stage:<9}"
+            tag = f"[{n+1}/{len(selected)}] {stage:<9}"
             ok, why = stage_state(rd, stage, P, prev_id=prev_id, outputs=outputs.get(stage, []))
-            if stage == selected[0] and prev and read_stamp(rd, prev) is None:
+            if n == 0 and prev and read_stamp(rd, prev) is None:
                 log(f"      note: the stage before it, `{prev}`, has not completed in {rd}")
             if ok and not force:
                 log(f"{tag} skipped: {why} (--force re-runs it)")
                 result[stage] = 'skipped'
                 if not dry_run: _update_timings(rd, stage, dict(status='skipped', skipped_at=_now()), _MEMORY_NOTE)
-                continue
-            reason = 'forced' if ok else why
-            if dry_run: log(f"{tag} would run ({reason})"); result[stage] = 'would run'; continue
-            src, out = nbs/notebooks[stage], rd/'notebooks'/notebooks[stage]
-            log(f"{tag} running ({reason}) ... [{datetime.now():%H:%M:%S}]")
-            _stamp_path(rd, stage).unlink(missing_ok=True)
-            t0 = time.time()
-            _update_timings(rd, stage, dict(status='running', started=_now(), notebook=str(out)), _MEMORY_NOTE)
-            with PeakRSS() as mem:
-                try:
-                    launched = stage in LAUNCHED_STAGES and P.num_processes > 1
-                    if launched: launch_stage(stage, P, entry=(entries or {}).get(stage), force=force, log=log)
-                    execute_stage(src, out, params_file=params_file, run_dir=str(rd), overrides=overrides,
-                                  force=force and not launched, kernel_name=kernel_name, progress=progress)
-                except StageFailed as e: err = e; err.notebook = err.notebook or out
-                except KeyboardInterrupt: raise
-                except Exception as e: err = _from_papermill(stage, e, out, src)
-                else: err = None
-            wall = time.time() - t0
-            entry = dict(status='failed' if err else 'ran', wall_s=round(wall, 2), peak_rss_mib=round(mem.peak/2**20, 1),
-                         largest_process_mib=round(mem.largest/2**20, 1), finished=_now(), notebook=str(out))
-            _update_timings(rd, stage, entry, _MEMORY_NOTE)
-            if err:
-                log(f"{tag} FAILED after {_fmt_s(wall)}")
-                raise err
-            write_stamp(rd, stage, P, after=prev_id, wall_s=wall, notebook=notebook_rel(out, rd))
-            log(f"{tag} done in {_fmt_s(wall)}, peak memory {mem.peak/2**30:.2f} GiB")
-            result[stage] = 'ran'
+            elif dry_run:
+                log(f"{tag} would run ({'forced' if ok else why})"); result[stage] = 'would run'
+            else:
+                _run_stage(stage, P, nbs/notebooks[stage], rd/'notebooks'/notebooks[stage], tag=tag, reason='forced' if ok else why,
+                           prev_id=prev_id, log=log, force=force, entry=(entries or {}).get(stage), **how)
+                result[stage] = 'ran'
     finally:
         if lock: lock.release()
     if not dry_run: log(f"medsynth run: finished in {_fmt_s(time.time()-t_all)}; timings in {rd/'timings.json'}")
     return result
-
-def _prepare_drive(P:Params):
-    "On Colab with `use_drive`: Drive must be mounted (only the notebook's own kernel can mount it); set HF_HOME on it."
-    if not (P.use_drive and in_colab()): return
-    if not Path('/content/drive/MyDrive').exists():
-        raise PipelineError("the params ask for Google Drive (use_drive: true) and it is not mounted; mount it in the "
-                            "notebook first: from google.colab import drive; drive.mount('/content/drive')")
-    mount_drive(P)  # Drive is there: this points the Hugging Face cache at it, and every kernel inherits HF_HOME
-
-def notebook_rel(p:Path, root:Path) -> str:
-    "`p` relative to `root` where it is inside it."
-    try: return str(p.relative_to(root))
-    except ValueError: return str(p)
 
 # %% ../nbs/08_pipeline.ipynb #58b346fc
 def _parser() -> argparse.ArgumentParser:
