@@ -12,12 +12,12 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Params, resolve_path, resolve_device, resolve_precision, torch_dtype,
                              atomic_path, write_text, write_json, read_json, read_jsonl, params_hash)
-from .data import SPLITS, BadImage, ImageFiles, read_image, load_classes, load_split
+from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'IMAGE_SUFFIXES', 'stem_for', 'resnet18', 'Classifier',
-           'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
-           'macro_auc', 'score', 'image_files', 'predict', 'new_classifier', 'fit_classifier', 'save_classifier',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'stem_for', 'resnet18', 'Classifier', 'imagenet_state_dict',
+           'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment', 'macro_auc', 'score',
+           'image_files', 'dihedral', 'predict', 'new_classifier', 'fit_classifier', 'save_classifier',
            'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion', 'fit_kwargs',
            'classifier_complete', 'run_classify']
 
@@ -252,16 +252,13 @@ def score(y_true,                 # int labels, N
         confusion_normalized=np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0).round(4).tolist())
 
 # %% ../nbs/02_classify.ipynb #57f42cc1
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
-
-# %% ../nbs/02_classify.ipynb #da1ca4c6
 def image_files(folder:str|Path) -> list[Path]:
     "The images of a folder: its `metadata.jsonl` rows in order if it has one, else every image file under it, sorted."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"{folder}: no such folder")
     meta = folder/'metadata.jsonl'
     if meta.is_file(): return [folder/r['file_name'] for r in read_jsonl(meta)]
-    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith('.') for s in p.relative_to(folder).parts))
+    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith('.') for s in p.relative_to(folder).parts))
 
 # %% ../nbs/02_classify.ipynb #0d8b4683
 class _ImageFiles(torch.utils.data.Dataset):
@@ -278,10 +275,16 @@ class _ImageFiles(torch.utils.data.Dataset):
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x
 
+def dihedral(x:torch.Tensor, k:int) -> torch.Tensor:
+    "The `k`-th (0..7) symmetry of the square applied to the last two dims: `k%4` quarter turns, then a flip if `k>=4`."
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+_TTA_ORDER = (0, 1, 2, 3, 4, 7, 6, 5)   # the quarter turns of the image, then those of its mirror image
+
 def _dihedral(x:torch.Tensor):
-    "The eight flips/rotations of a square batch."
-    for f in (x, x.flip(3)):
-        for r in range(4): yield torch.rot90(f, r, (2, 3))
+    "The eight flips/rotations of a square batch, in the order test-time augmentation averages them."
+    for k in _TTA_ORDER: yield dihedral(x, k)
 
 def _run_batch(model, xb, tta:bool, autocast):
     with autocast:

@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_config.ipynb #9243a60f
 from __future__ import annotations
-import os, sys, json, math, difflib, hashlib, shutil, tempfile, contextlib
-from dataclasses import dataclass, field
+import os, sys, json, math, difflib, hashlib, shutil, contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 import yaml

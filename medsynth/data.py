@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_data.ipynb #c7d71f6d
 from __future__ import annotations
-import os, csv, json, time, shutil, zipfile
+import os, csv, json, time, zipfile
 from dataclasses import dataclass, field
 from collections import Counter
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import (Params, load_params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
+from .config import (Params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
                              remove_stale_temporaries, did_you_mean, fingerprint, file_digest)
 
 # %% auto #0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_docs.ipynb #86f33e95
 from __future__ import annotations
-import os, re, sys, json, time, html, base64, shutil, hashlib, argparse, warnings, subprocess, unicodedata
+import os, re, sys, json, time, html, base64, shutil, argparse, warnings, subprocess, unicodedata
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from execnb.nbio import read_nb, write_nb
@@ -13,6 +13,7 @@ from nbdev.doclinks import nbglob, _nbpath2html
 from nbdev.process import extract_directives
 from nbdev.processors import FilterDefaults, exec_show_docs
 from nbdev.frontmatter import _fm2dict
+from .config import fingerprint, file_digest
 
 # %% auto #0
 __all__ = ['DocsError', 'doc_notebooks', 'page_path', 'test_flags', 'cell_directives', 'skip_cell', 'execute_nb',
@@ -388,11 +389,9 @@ _VERSION = '1'
 
 def _cache_key(nb_path:Path, run_dir:Path|None, flags:set[str]) -> str:
     cfg = get_config()
-    h = hashlib.sha256(f"{_VERSION}|{sorted(flags)}|{run_dir}".encode())
-    for f in [nb_path, cfg.config_file, *sorted(Path(cfg.lib_path).glob('**/*.py'))]: h.update(Path(f).read_bytes())
-    if run_dir is not None:
-        for f in ('params.yaml', 'report/metrics.json'): h.update((run_dir/f).read_bytes())
-    return h.hexdigest()
+    files = [nb_path, cfg.config_file, *sorted(Path(cfg.lib_path).glob('**/*.py'))]
+    if run_dir is not None: files += [run_dir/'params.yaml', run_dir/'report'/'metrics.json']
+    return fingerprint([_VERSION, sorted(flags), str(run_dir), [file_digest(f) for f in files]])
 
 def _cached(dst:Path, key:str) -> bool:
     if not dst.exists(): return False

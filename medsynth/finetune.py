@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 from .config import (Params, ParamsError, read_json, write_json, write_text, atomic_path, save_png, fingerprint,
                              resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
 from .data import load_split, load_classes
+from .classify import dihedral
 from .sampling import LORA_WEIGHTS, load_base, generate_images, image_grid, check_images
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'AUGMENTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline', 'encode_captions',
-           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'dihedral', 'to_pixels',
-           'train_vae', 'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora', 'save_lora',
+           'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'to_pixels', 'train_vae',
+           'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora', 'save_lora',
            'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'resume_training', 'prepare_training',
            'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution', 'fit_images', 'finetune_key',
            'generator_complete', 'clear_stale', 'training_images', 'base_pipeline', 'latent_cache', 'trainable_unet',
@@ -211,11 +212,6 @@ def build_sd15_shaped_pipeline(captions:list[str],  # captions for the offline t
 
 # %% ../nbs/03_finetune.ipynb #631d7145
 AUGMENTS = {'none': [0], 'flip': [0, 4], 'dihedral': list(range(8))}   # cache_augment -> the `dihedral` symmetries k it caches
-
-def dihedral(x:torch.Tensor, k:int) -> torch.Tensor:
-    "The `k`-th (0..7) symmetry of the square applied to the last two dims: `k%4` quarter turns, then a flip if `k>=4`."
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
 
 def _aug_ids(augment:str) -> list[int]:
     if augment not in AUGMENTS: raise ParamsError(f"`cache_augment`: {augment!r} is not one of {', '.join(AUGMENTS)}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_generate.ipynb #81f81901
 from __future__ import annotations
-import json, time, shutil
+import time, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image

@@ -4,13 +4,17 @@
 
 # %% ../nbs/05_selfcheck.ipynb #dd869abf
 from __future__ import annotations
-import os, hashlib, warnings
+import os, warnings
 from collections import Counter
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .config import Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, remove_stale_temporaries
+from .config import (Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, save_png, file_digest,
+                             remove_stale_temporaries, resolve_device)
+from .data import load_classes
+from .classify import load_classifier, predict
 from .sampling import load_generator, generate_images
+from .generate import gen_kwargs, image_seed, candidate_file
 
 # %% auto #0
 __all__ = ['VERDICT_KEYS', 'judge', 'candidates_file', 'load_candidates', 'candidate_path', 'commit', 'class_status',
@@ -34,8 +38,6 @@ def judge(probs,               # (N, C) class probabilities from the judge
 # %% ../nbs/05_selfcheck.ipynb #35dcac09
 VERDICT_KEYS = ('pred', 'confidence', 'p_intended', 'accepted')
 
-def _rows(path:Path) -> list[dict]: return read_jsonl(path) if path.exists() else []
-
 def candidates_file(run_dir) -> Path: return Path(run_dir)/'selfcheck'/'candidates.jsonl'
 
 def load_candidates(run_dir:str|Path,  # the run directory
@@ -46,8 +48,8 @@ def load_candidates(run_dir:str|Path,  # the run directory
     gen = run_dir/'generated'/'metadata.jsonl'
     if not gen.exists() and not (record and candidates_file(run_dir).exists()):
         raise FileNotFoundError(f"{gen}: no generated images on record; run the generate stage (04_generate) first")
-    rows = {r['file_name']: r for r in _rows(candidates_file(run_dir))} if record else {}
-    for r in _rows(run_dir/'rejected'/'metadata.jsonl') + _rows(gen):
+    rows = {r['file_name']: r for r in read_jsonl(candidates_file(run_dir), missing_ok=True)} if record else {}
+    for r in read_jsonl(run_dir/'rejected'/'metadata.jsonl', missing_ok=True) + read_jsonl(gen, missing_ok=True):
         fresh = 'accepted' not in r
         if fresh or r['file_name'] not in rows: rows[r['file_name']] = {**r, 'round': int(r.get('round', 0))}
         if fresh: rows[r['file_name']] = {k: v for k, v in rows[r['file_name']].items() if k not in VERDICT_KEYS}
@@ -59,6 +61,8 @@ def candidate_path(run_dir, row:dict) -> Path|None:
         p = Path(run_dir)/folder/row['file_name']
         if p.exists(): return p
     return None
+
+
 
 # %% ../nbs/05_selfcheck.ipynb #81fca607
 def _folder(row:dict) -> str: return 'rejected' if row.get('accepted') is False else 'generated'
@@ -83,6 +87,8 @@ def commit(run_dir:str|Path,  # the run directory
     write_jsonl(run_dir/'rejected'/'metadata.jsonl', [r for r in kept if _folder(r) == 'rejected'])
     write_jsonl(run_dir/'generated'/'metadata.jsonl', [r for r in kept if _folder(r) == 'generated'])
     return kept
+
+
 
 # %% ../nbs/05_selfcheck.ipynb #80f6b0cf
 def class_status(rows:list[dict],       # candidates of one class
@@ -113,7 +119,7 @@ def plan_round(rows:list[dict],      # every candidate on record
         folder, rnd = rs[0]['file_name'].rsplit('/', 1)[0], max(r['round'] for r in rs) + 1
         keep = {k: v for k, v in rs[0].items() if k not in VERDICT_KEYS + ('file_name', 'seed', 'round')}
         for j in range(n):
-            plan.append({'file_name': f"{folder}/r{rnd:02d}_{j:06d}.png", **keep, 'label': c,
+            plan.append({'file_name': candidate_file(folder, j, rnd), **keep, 'label': c,
                          'seed': int(seed_fn(c, j, rnd)) if seed_fn else nxt, 'round': rnd})
             nxt += 1
     return plan
@@ -163,6 +169,8 @@ def describe_acceptance(summary:dict) -> str:
                      f"the judge took its rejected images for: {seen}")
     return '\n'.join(lines)
 
+
+
 # %% ../nbs/05_selfcheck.ipynb #d338dd41
 def plot_acceptance(summary:dict):
     "Acceptance per class per round (heat map) and accepted images per class against the target."
@@ -190,10 +198,9 @@ def plot_acceptance(summary:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_selfcheck.ipynb #39a0b945
-def _save_png(img:Image.Image, dest:Path):
-    with atomic_path(dest) as tmp: img.convert('RGB').save(tmp, format='PNG')
 
+
+# %% ../nbs/05_selfcheck.ipynb #39a0b945
 def _chunks(xs:list, n:int): return [xs[i:i+n] for i in range(0, len(xs), n)]
 
 def _judge_pending(run_dir:Path, rows:list[dict], classify_fn, threshold:float, chunk:int) -> int:
@@ -240,7 +247,7 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
             images = generate_fn([r['label'] for r in part], [r['seed'] for r in part])
             if len(images) != len(part): raise RuntimeError(f"generate_fn returned {len(images)} images for {len(part)} seeds")
             for r, v in zip(part, judge(classify_fn(images), [r['label'] for r in part], threshold=accept_threshold)): r.update(v)
-            for r, img in zip(part, images): _save_png(img, run_dir/_folder(r)/r['file_name'])
+            for r, img in zip(part, images): save_png(img, run_dir/_folder(r)/r['file_name'])
         rows = commit(run_dir, rows + plan)
         say(f"regenerated {len(plan)} images for {len({r['label'] for r in plan})} class(es) "
             f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted")
@@ -250,19 +257,10 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
     return summary
 
 # %% ../nbs/05_selfcheck.ipynb #8da079bd
-def _sha(path:Path, n:int=16) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()[:n]
-
 def run_selfcheck(P:Params,               # resolved parameters
                   *, force:bool=False    # re-judge every candidate even when the judge is unchanged
                  ) -> dict:
     "The self-check stage: judge generated/, regenerate the rejected, write selfcheck/ (resumable)."
-    from medsynth.config import resolve_device
-    from medsynth.data import load_classes
-    from medsynth.classify import load_classifier, predict
     import matplotlib.pyplot as plt
     rd = Path(P.run_dir)
     classes = load_classes(rd)
@@ -274,18 +272,15 @@ def run_selfcheck(P:Params,               # resolved parameters
     pipe = None
     def generate_fn(labels, seeds):
         nonlocal pipe
-        from medsynth.generate import gen_kwargs
         if pipe is None: pipe = load_generator(P, device=device)
         return generate_images(pipe, [classes[l]['caption'] for l in labels], list(seeds), batch_size=P.generate_batch_size,
                                progress=True, **gen_kwargs(P))
-    def seed_fn(label, index, rnd):
-        from medsynth.generate import image_seed
-        return image_seed(P.seed, label, index, rnd)
+    def seed_fn(label, index, rnd): return image_seed(P.seed, label, index, rnd)
     stamp = rd/'generated'/'generate.json'
     target = P.target_per_class or P.images_per_class
     summary = self_check(rd, [c['name'] for c in classes], generate_fn=generate_fn, classify_fn=classify_fn,
                          accept_threshold=P.accept_threshold, target_per_class=target, max_rounds=P.max_rounds,
-                         max_candidates_per_class=P.max_candidates_per_class or 3 * target, judge_id=f"{_sha(weights)}@{P.accept_threshold}",
+                         max_candidates_per_class=P.max_candidates_per_class or 3 * target, judge_id=f"{file_digest(weights)}@{P.accept_threshold}",
                          generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn, force=force)
     fig = plot_acceptance(summary)
     with atomic_path(rd/'selfcheck'/'acceptance.png') as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')

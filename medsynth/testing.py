@@ -71,10 +71,11 @@ def centroid_judge(images,                      # training images (PIL or arrays
         e = np.exp(logits - logits.max(1, keepdims=True)); return e / e.sum(1, keepdims=True)
     return classify_fn
 
-def colour_judge(per_class:int=10):
+def colour_judge(per_class:int=10,              # training images per class
+                 *, temperature:float=5000.0):  # see `centroid_judge`; very large: a judge that is never sure
     "`centroid_judge` fitted on `per_class` images of each of the three `COLOURS` (seeds 1000, 1001, ...)."
     labels = np.repeat(np.arange(len(COLOURS)), per_class)
-    return centroid_judge([colour_image(COLOURS[c], 1000 + i) for i, c in enumerate(labels)], labels)
+    return centroid_judge([colour_image(COLOURS[c], 1000 + i) for i, c in enumerate(labels)], labels, temperature=temperature)
 
 # %% ../nbs/10_testing.ipynb #46b03b2d
 def write_round0(run_dir:str|Path,      # the run directory

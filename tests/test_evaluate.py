@@ -1,11 +1,11 @@
 "Evaluation measures: they measure (real stand-in vs wrong class vs noise), survive tiny samples, and state their n."
-import json, re, shutil, time
+import re, shutil, time
 from pathlib import Path
 import numpy as np
 import pytest
-from PIL import Image
-from medsynth.config import load_params, write_jsonl, read_json
-from medsynth.evaluate import distance_scores, prompt_scores, frechet_distance, kid, precision_recall, evaluate_run
+from medsynth.config import load_params
+from medsynth.evaluate import distance_scores, prompt_scores, frechet_distance, kid, evaluate_run
+from medsynth.testing import write_round0
 
 NAMES = [f"class{i}" for i in range(9)]
 
@@ -37,15 +37,6 @@ def test_fd_matches_closed_form_and_is_symmetric():
     assert abs(kid(a[:500], b[:500])['mean'] - kid(b[:500], a[:500])['mean']) < 0.05
 
 # --- the measures measure, on real PathMNIST images and the project's own classifier -------------------------
-
-def _write_round0(run_dir, images, labels, names):
-    rows = []
-    for i, (img, l) in enumerate(zip(images, labels)):
-        row = dict(file_name=f"{names[l]}/{i:06d}.png", text=names[l], label=int(l), seed=i, round=0, steps=1,
-                   guidance_scale=1.0, scheduler='none', checkpoint='none')
-        (Path(run_dir)/'generated'/names[l]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(Path(run_dir)/'generated'/row['file_name']); rows.append(row)
-    write_jsonl(Path(run_dir)/'generated'/'metadata.jsonl', rows)
 
 @pytest.fixture(scope='module')
 def pathmnist_run(tmp_path_factory):
@@ -84,7 +75,7 @@ def test_real_beats_wrong_class_and_noise(pathmnist_run):
     for name, (x, asked) in stand_ins.items():
         rd = d/name
         shutil.copytree(d/'base'/'data', rd/'data')
-        _write_round0(rd, x, asked, names)
+        write_round0(rd, x, asked, names)
         self_check(rd, names, generate_fn=None, classify_fn=lambda ims: predict_fn(ims)['probs'], accept_threshold=0.4,
                    target_per_class=1, max_rounds=0, max_candidates_per_class=100, verbose=False)
         res[name] = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, kid_subsets=20, figures=name == 'real', verbose=False)
@@ -122,7 +113,7 @@ def test_demo_stages_on_the_project_classifier(tmp_path):
     classify.run_classify(P)
     names = [c['name'] for c in load_classes(P.run_dir)]
     x, y = phantom_dataset(10, size=P.phantom_size, seed=1234)   # fresh draws of each class: what a perfect generator makes
-    _write_round0(P.run_dir, x, y, names)
+    write_round0(P.run_dir, x, y, names)
     s = run_selfcheck(P)
     assert s['overall']['generated'] == 90 and s['target_per_class'] == P.images_per_class
     t = time.time()

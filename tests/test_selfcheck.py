@@ -1,44 +1,22 @@
 "The self-check loop: accepts the right class, rejects the wrong one, keeps every candidate on record, resumes after kill -9."
-import json, os, signal, subprocess, sys, textwrap, time
+import os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np
 import pytest
-from PIL import Image
-from medsynth.config import read_jsonl, write_jsonl, read_json
+from medsynth.config import read_jsonl, read_json
 from medsynth.selfcheck import self_check, load_candidates, candidate_path, candidates_file, judge
+from medsynth.testing import COLOURS, COLOUR_NAMES, colour_image, colour_judge, write_round0
 
-# Three colour classes and a fitted nearest-centroid judge: small, real, and fast.
-COLOURS = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]], dtype=float)
-NAMES = ['a', 'b', 'c']
+# Three colour classes and a fitted nearest-centroid judge (medsynth.testing): small, real, and fast.
+NAMES = COLOUR_NAMES
 
-def draw(colour, seed, size=8):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(np.clip(colour + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8))
-
-def fit_judge(temperature=5000.0):
-    labels = np.repeat(np.arange(3), 10)
-    x = np.stack([np.asarray(draw(COLOURS[c], 1000 + i), dtype=float).mean((0, 1)) for i, c in enumerate(labels)])
-    centroids = np.stack([x[labels == c].mean(0) for c in range(3)])
-    def classify_fn(images):
-        f = np.stack([np.asarray(im, dtype=float).mean((0, 1)) for im in images])
-        logits = -((f[:, None] - centroids[None]) ** 2).sum(-1) / temperature
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-    return classify_fn
-
-def right(labels, seeds): return [draw(COLOURS[l], s) for l, s in zip(labels, seeds)]
-def c_fails(labels, seeds): return [draw(COLOURS[0 if l == 2 else l], s) for l, s in zip(labels, seeds)]
+def fit_judge(temperature=5000.0): return colour_judge(temperature=temperature)
+def right(labels, seeds): return [colour_image(COLOURS[l], s) for l, s in zip(labels, seeds)]
+def c_fails(labels, seeds): return [colour_image(COLOURS[0 if l == 2 else l], s) for l, s in zip(labels, seeds)]
 
 def round0(run_dir, gen_fn, per_class=4):
-    rows, seed = [], 0
-    for c, name in enumerate(NAMES):
-        for i in range(per_class):
-            row = dict(file_name=f"{name}/{i:06d}.png", text=name, label=c, seed=seed, round=0, steps=4,
-                       guidance_scale=1.0, scheduler='test', checkpoint='none')
-            (Path(run_dir)/'generated'/name).mkdir(parents=True, exist_ok=True)
-            gen_fn([c], [seed])[0].save(Path(run_dir)/'generated'/row['file_name'])
-            rows.append(row); seed += 1
-    write_jsonl(Path(run_dir)/'generated'/'metadata.jsonl', rows)
+    labels = [c for c in range(3) for _ in range(per_class)]
+    write_round0(run_dir, [gen_fn([l], [s])[0] for s, l in enumerate(labels)], labels, NAMES)
 
 LIMITS = dict(accept_threshold=0.6, target_per_class=4, max_rounds=3, max_candidates_per_class=20)
 
