@@ -15,8 +15,8 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError', 'notebooks_dir',
-           'new_stage_notebook', 'stage_notebook_problems', 'runner_skips', 'runner_cells', 'colab_url', 'colab_badge',
-           'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
+           'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only', 'colab_url',
+           'colab_badge', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
            'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage',
            'notebook_rel', 'run', 'main']
 
@@ -93,7 +93,15 @@ def notebooks_dir(nbs_dir:str|Path|None=None # a folder of stage notebooks; None
     return root/'nbs'
 
 # %% ../nbs/08_pipeline.ipynb #ca946b3e
-def new_stage_notebook(*cells:str,          # code of the cells after the parameters cell
+def _directives(source:str) -> list[str]:
+    "The nbdev directives (`#| x`) at the top of a cell: ['slow', 'hide', ...]."
+    out = []
+    for line in source.lstrip().splitlines():
+        if not line.startswith('#|'): break
+        out += line[2:].split()[:1]
+    return out
+
+def new_stage_notebook(*cells:str,          # code of the stage cells after the parameters cell (flagged `#| notest` here)
                        path:str|Path|None=None # write the notebook here too
                       ):
     "A minimal stage notebook: the Colab cell, the `parameters` cell, then `cells` (tests and new stages start here)."
@@ -101,8 +109,9 @@ def new_stage_notebook(*cells:str,          # code of the cells after the parame
     v4 = nbformat.v4
     nb = v4.new_notebook(cells=[v4.new_code_cell(COLAB_CELL),
                                 v4.new_code_cell(PARAMETERS_CELL, metadata={'tags': ['parameters']}),
-                                *[v4.new_code_cell(c) for c in cells]])
+                                *[v4.new_code_cell(c if 'notest' in _directives(c) else '#| notest\n' + c) for c in cells]])
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    nb.metadata['language_info'] = {'name': 'python'}
     if path is not None: nbformat.write(nb, str(path))
     return nb
 
@@ -124,36 +133,39 @@ def stage_notebook_problems(path:str|Path) -> list[str]:
     return out
 
 # %% ../nbs/08_pipeline.ipynb #38123c03
-def _directives(source:str) -> list[str]:
-    "The nbdev directives (`#| x`) at the top of a cell: ['slow', 'hide', ...]."
-    out = []
-    for line in source.lstrip().splitlines():
-        if not line.startswith('#|'): break
-        out += line[2:].split()[:1]
-    return out
-
-def runner_skips(cell) -> bool:
-    "True for the cells the runner never runs: nbdev's export cell, and cells flagged `#| slow` or `#| gpu`."
-    if cell.cell_type != 'code': return False
-    d = _directives(cell.source)
-    return bool({'slow', 'gpu'} & set(d)) or ('nbdev_export' in cell.source and bool(d))
-
-# %% ../nbs/08_pipeline.ipynb #c9fc3efd
 def _only_imports(source:str) -> bool:
     "True for a cell whose code is nothing but import statements."
     lines = [l for l in source.splitlines() if l.strip() and not l.lstrip().startswith('#')]
     return bool(lines) and all(l.startswith(('import ', 'from ')) for l in lines)
 
+def stage_cell(source:str) -> bool:
+    """Whether a batch run executes this code cell: the Colab cell, exported definitions, import cells and the stage's
+    own cells (flagged `#| notest`), never cells flagged `#| slow` or `#| gpu` nor nbdev's export cell. The chapter's
+    examples and tests are `nbdev_test`'s work, not a run's."""
+    d = set(_directives(source))
+    if {'slow', 'gpu'} & d or ('nbdev_export' in source and d): return False
+    return bool({'export', 'exports', 'exporti', 'notest'} & d) or _only_imports(source) or COLAB_CELL in source
+
+# %% ../nbs/08_pipeline.ipynb #c9fc3efd
 def runner_cells(cells:list) -> list:
-    """The cells a batch run executes: the prose, the Colab cell, exported definitions and import cells, then every
-    cell from the `parameters` cell on. Examples and tests before it are `nbdev_test`'s work, not a run's."""
-    start = next((i for i, c in enumerate(cells) if 'parameters' in c.get('metadata', {}).get('tags', [])), len(cells))
-    def keep(i, c):
-        if c.cell_type != 'code': return True
-        if runner_skips(c): return False
-        if i >= start or COLAB_CELL in c.source or _only_imports(c.source): return True
-        return bool({'export', 'exports', 'exporti'} & set(_directives(c.source)))
-    return [c for i, c in enumerate(cells) if keep(i, c)]
+    "The cells a batch run executes: the prose, the `parameters` cell and every `stage_cell`."
+    return [c for c in cells if c.cell_type != 'code' or 'parameters' in c.get('metadata', {}).get('tags', [])
+            or stage_cell(c.source)]
+
+def _stage_cells_only(lines:list[str]) -> list[str]:
+    "An IPython input transformer: a cell that is not a `stage_cell` becomes empty."
+    return lines if stage_cell(''.join(lines)) else []
+
+def stage_only(params_file=None,   # the notebook's `params_file` parameter
+               run_dir=None        # the notebook's `run_dir` parameter
+              ) -> bool:           # whether the kernel now skips examples
+    "In a batch run (a params file or a run directory given), have the kernel run only `stage_cell`s from here on."
+    if (params_file is None and run_dir is None) or os.environ.get('IN_TEST'): return False
+    from IPython import get_ipython
+    ip = get_ipython()
+    if ip is None: return False
+    if _stage_cells_only not in ip.input_transformers_cleanup: ip.input_transformers_cleanup.append(_stage_cells_only)
+    return True
 
 # %% ../nbs/08_pipeline.ipynb #711af070
 def colab_url(notebook:str) -> str:
