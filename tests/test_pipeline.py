@@ -303,6 +303,26 @@ def test_runner_leaves_out_slow_gpu_and_export_cells(tmp_path):
     assert not any('RuntimeError' in c.source for c in ex.cells)
     assert len(ex.cells) == len(nb.cells) - 3 + 1  # + papermill's injected parameters
 
+def test_plain_papermill_runs_the_stage_only(tmp_path):
+    """Plain papermill (no kernel or language flag) on a stage notebook given a run directory runs its definitions and
+    stage cells and skips its examples; with the defaults, as in JupyterLab, the examples run too."""
+    v4 = nbformat.v4
+    nb = new_stage_notebook("from pathlib import Path\n(Path(run_dir or '.')/'stage.out').write_text(str(f()))")
+    nb.cells[2:2] = [v4.new_code_cell('#| hide\nfrom medsynth.pipeline import stage_only'),
+                     v4.new_code_cell('#| hide\n#| notest\nstage_only(params_file, run_dir)'),
+                     v4.new_code_cell('#| export\ndef f(): return 41 + 1'),
+                     v4.new_code_cell("raise RuntimeError('an example ran')")]
+    nbformat.write(nb, tmp_path/'stage.ipynb')
+    env = {k: v for k, v in os.environ.items() if k != 'IN_TEST'}
+    pm = lambda *a: subprocess.run([sys.executable, '-m', 'papermill', str(tmp_path/'stage.ipynb'), *a], cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=300, env=env)
+    r = pm(str(tmp_path/'out.ipynb'), '-p', 'run_dir', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path/'stage.out').read_text() == '42'
+    r = pm(str(tmp_path/'out2.ipynb'))                                   # the defaults: every cell runs
+    assert r.returncode != 0 and 'an example ran' in r.stderr + r.stdout
+
+
 def _need_all_stage_notebooks():
     missing = [n for n in STAGE_NOTEBOOKS.values() if not (ROOT/'nbs'/n).exists()]
     if missing: pytest.skip(f"stage notebooks not written yet: {', '.join(missing)}")
@@ -330,6 +350,23 @@ def test_demo_end_to_end(tmp_path):
     acc = read_json(rd/'selfcheck'/'acceptance.json')
     assert acc['below_target'] == [], acc['below_target']                             # every class reached its target
     assert (rd/'report'/'index.html').exists()
+    _plain_papermill_keeps_a_finished_run(rd, 'demo-cpu.yaml', tmp_path)
+
+def _plain_papermill_keeps_a_finished_run(rd, profile, tmp_path):
+    "Plain papermill (no kernel flag) on every stage notebook of a finished run: nothing is redone, no example runs."
+    done = {p: p.stat().st_mtime_ns for p in rd.rglob('*') if p.is_file() and 'notebooks' not in p.parts
+            and p.name not in ('timings.json', '.medsynth.lock') and 'logs' not in p.parts}
+    times = {}
+    for stage, name in STAGE_NOTEBOOKS.items():
+        t0 = time.time()
+        r = subprocess.run([sys.executable, '-m', 'papermill', str(ROOT/'nbs'/name), str(tmp_path/f'pm-{name}'),
+                            '-p', 'params_file', f'params/{profile}', '-p', 'run_dir', str(rd)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        times[stage] = round(time.time() - t0, 1)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+    print('plain papermill on the finished run, seconds per stage notebook:', times)
+    changed = [str(p.relative_to(rd)) for p, t in done.items() if not p.exists() or p.stat().st_mtime_ns != t]
+    assert not changed, f"plain papermill redid finished work: {changed[:10]}"
 
 @pytest.mark.slow
 def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
