@@ -9,9 +9,8 @@ from typing import NamedTuple
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from tqdm.auto import tqdm
 from .config import (Params, resolve_path, resolve_device, resolve_precision, torch_dtype,
-                             atomic_path, write_text, write_json, read_json, read_jsonl, params_hash)
+                             atomic_path, write_text, write_json, read_json, read_jsonl, params_hash, progress_bar)
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
@@ -331,7 +330,7 @@ def predict(model:Classifier,            # a trained `Classifier`
             if not f.is_file(): raise FileNotFoundError(f"{f}: no such image file")
         dl = torch.utils.data.DataLoader(_ImageFiles(files, model.image_size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=dev.type == 'cuda')
-        bar = tqdm(total=len(files), desc="classifying", unit='img', disable=progress is False)
+        bar = progress_bar(total=len(files), desc="classifying", unit='img', disable=progress is False)
         for xb in dl:
             p_, f_ = _run_batch(model, xb.to(dev, non_blocking=True), tta, ac)
             probs.append(p_.cpu()); feats.append(f_.cpu()); bar.update(len(xb))
@@ -339,7 +338,7 @@ def predict(model:Classifier,            # a trained `Classifier`
     else:
         if isinstance(images, (list, tuple)) and not images: images = np.zeros((0, model.image_size, model.image_size, 3), np.uint8)
         x = images_tensor(images)
-        for i in tqdm(range(0, len(x), batch_size), desc="classifying", unit='batch', disable=not progress):
+        for i in progress_bar(range(0, len(x), batch_size), desc="classifying", unit='batch', disable=not progress):
             p_, f_ = _run_batch(model, x[i:i+batch_size].to(dev, non_blocking=True), tta, ac)
             probs.append(p_.cpu()); feats.append(f_.cpu())
     model.train(was_training)
@@ -557,7 +556,7 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
                augment=augment_images, translate=translate, jitter=jitter, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save = time.time()
-    bar = tqdm(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
+    bar = progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
@@ -567,7 +566,7 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
         row['seconds'] = round(t_train, 2)
         history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
-        if progress: bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
         if checkpoint and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
             _save_checkpoint(checkpoint, tag, model, o, history, best, best_state, epoch + 1, t_train); last_save = time.time()
         if on_epoch is not None: on_epoch(row)

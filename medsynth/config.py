@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #9243a60f
 from __future__ import annotations
-import os, sys, json, math, difflib, hashlib, shutil, contextlib
+import os, sys, json, math, time, difflib, hashlib, shutil, contextlib, contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ import yaml
 __all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive',
            'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'resolve_device', 'resolve_precision',
            'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl',
-           'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'save_params', 'fingerprint',
-           'file_digest', 'params_hash', 'schema_table']
+           'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'stage_log_path', 'stage_logging',
+           'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -431,6 +431,71 @@ def remove_stale_temporaries(folder:str|Path,        # where `atomic_path` wrote
         shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
         n += 1
     return n
+
+# %% ../nbs/00_config.ipynb #fe5572a8
+_STAGE_LOG = contextvars.ContextVar('medsynth_stage_log', default=None)
+
+def stage_log_path(run_dir:str|Path, stage:str) -> Path:
+    "Where `stage` writes its progress lines: `<run_dir>/logs/<stage>.log`."
+    return Path(run_dir)/'logs'/f'{stage}.log'
+
+@contextlib.contextmanager
+def stage_logging(run_dir:str|Path, stage:str):
+    "While inside, `progress_bar`s and `log_line` also append to the stage's log file (`stage_log_path`)."
+    path = stage_log_path(run_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = _STAGE_LOG.set(path)
+    try: yield path
+    finally: _STAGE_LOG.reset(token)
+
+def log_line(msg:str):
+    "Append `msg`, with the time, to the log of the stage running now (nothing outside `stage_logging`)."
+    path = _STAGE_LOG.get()
+    if path is None: return
+    with open(path, 'a') as f: f.writelines(f"{time.strftime('%H:%M:%S')} {l}\n" for l in str(msg).splitlines() or [''])
+
+def _hms(s:float) -> str:
+    s = int(round(s)); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+# %% ../nbs/00_config.ipynb #c78bddb0
+from tqdm.auto import tqdm as _tqdm
+
+class progress_bar(_tqdm):
+    "A `tqdm.auto` bar that also writes its state to the stage log (`log_line`) every `every` seconds and when it closes."
+    def __init__(self, *args, every:float=5.0, log:bool=True, **kw):
+        super().__init__(*args, **kw)
+        self._to_log = log                                  # False: a bar of another process than the main one
+        it = args[0] if args else kw.get('iterable')
+        self._total = kw.get('total') or (len(it) if hasattr(it, '__len__') else None)   # a disabled bar keeps none of these
+        self._desc, self._unit = kw.get('desc') or 'progress', kw.get('unit') or 'it'
+        self._done, self._post, self._every = kw.get('initial', 0), {}, every
+        self._t0 = self._last = time.monotonic()
+        self._start = self._done
+    def __iter__(self):
+        for x in super().__iter__():
+            yield x
+            self._advance(1)
+    def update(self, n=1):
+        out = super().update(n); self._advance(n); return out
+    def set_postfix(self, ordered_dict=None, refresh=True, **kw):
+        self._post = {**(ordered_dict or {}), **kw}
+        return super().set_postfix(ordered_dict, refresh=refresh, **kw)
+    def _advance(self, n):
+        self._done += n
+        if time.monotonic() - self._last >= self._every: self._log()
+    def progress_line(self) -> str:
+        "What has been done of the total, how fast, how long is left, and the postfix (loss, score)."
+        el, unit, total = time.monotonic() - self._t0, self._unit, self._total
+        rate = (self._done - self._start) / el if el > 0 else 0.0
+        left = f", {_hms((total - self._done) / rate)} left" if rate and total else ''
+        post = ''.join(f", {k} {v}" for k, v in self._post.items())
+        return f"{self._desc}: {self._done}/{total or '?'} {unit} ({rate:.2f} {unit}/s{left}{post})"
+    def _log(self):
+        self._last = time.monotonic()
+        if self._to_log: log_line(self.progress_line())
+    def close(self):
+        if not getattr(self, '_closed_log', False) and hasattr(self, '_done'): self._closed_log = True; self._log()
+        super().close()
 
 # %% ../nbs/00_config.ipynb #7d3562da
 def save_params(P:Params, path:str|Path|None=None) -> Path:

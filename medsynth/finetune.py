@@ -11,9 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 from .config import (Params, ParamsError, read_json, write_json, write_text, atomic_path, save_png, fingerprint,
-                             resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash)
+                             resolve_device, resolve_precision, torch_dtype, mixed_precision, params_hash, progress_bar)
 from .data import load_split, load_classes
 from .classify import dihedral
 from .sampling import LORA_WEIGHTS, load_base, generate_images, image_grid, check_images
@@ -240,7 +239,7 @@ def train_vae(vae,                          # an AutoencoderKL (trained in place
     warm = max(1, steps//20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s+1)/warm, 0.5*(1+math.cos(math.pi*min(1, s/steps)))))
     vae.train(); losses = []
-    for _ in tqdm(range(steps), desc='VAE', disable=not progress, mininterval=2):
+    for _ in progress_bar(range(steps), desc='VAE', unit='step', disable=not progress, mininterval=2):
         idx = torch.randint(len(x_all), (batch_size,), generator=g)
         k = int(torch.randint(8, (1,), generator=g))
         x = dihedral(x_all[idx], k)
@@ -277,7 +276,7 @@ def encode_images(vae,                      # a frozen AutoencoderKL
                   progress:bool=True) -> dict:
     "Latent mean and std (A×N×C×h×w, unscaled) of every image under each of the `A` cached symmetries."
     dev, ks, out = next(vae.parameters()).device, _aug_ids(augment), {}
-    bar = tqdm(total=len(ks)*len(images), desc='encode images', disable=not progress, mininterval=2)
+    bar = progress_bar(total=len(ks)*len(images), desc='encode images', unit='img', disable=not progress, mininterval=2)
     for i in range(0, len(images), batch_size):
         px = to_pixels(images[i:i+batch_size])   # each batch read once, encoded under every symmetry
         for a, k in enumerate(ks):
@@ -503,7 +502,8 @@ def train_unet(unet,                         # UNet2DConditionModel; with `lora`
     labels = torch.as_tensor(labels, dtype=torch.long)
     start, log, resumed = resume_training(acc, ck_dir)
     T = noise_scheduler.config.num_train_timesteps
-    bar = tqdm(total=steps, initial=start, desc='UNet' + (' (LoRA)' if lora else ''), disable=not (progress and acc.is_local_main_process), mininterval=2)
+    bar = progress_bar(total=steps, initial=start, desc='UNet' + (' (LoRA)' if lora else ''), unit='step',
+                       disable=not (progress and acc.is_local_main_process), log=acc.is_main_process, mininterval=2)
     t0, run_loss = time.time(), []
     for step in range(start, steps):
         draw = lambda micro: draw_batch(cache, text_emb, labels, batch_size=batch_size, seed=seed, step=step, micro=micro, rank=acc.process_index,

@@ -8,8 +8,7 @@ import time, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
-from .config import Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint
+from .config import Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint, progress_bar
 from .data import load_classes
 from .sampling import load_generator, generate_images, image_grid
 
@@ -67,7 +66,7 @@ def generate_rows(pipe,                         # the generator (load_generator)
     "Generate the images of `rows` into `folder` and merge the rows into `folder/metadata.jsonl`; returns the rows."
     folder = Path(folder); meta = folder/'metadata.jsonl'
     done = read_jsonl(meta, missing_ok=True)
-    bar = tqdm(total=len(rows), desc='generate', unit='img', disable=not progress)
+    bar = progress_bar(total=len(rows), desc='generate', unit='img', disable=not progress)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i+batch_size]
         ims = generate_images(pipe, [r['text'] for r in batch], [r['seed'] for r in batch], batch_size=batch_size,

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, resolve_path,
                              in_colab, mount_drive, save_params, write_json, read_json, resolve_device, resolve_precision,
-                             mixed_precision, pid_alive)
+                             mixed_precision, pid_alive, stage_log_path, stage_logging)
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
@@ -18,7 +18,7 @@ __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_
            'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only', 'colab_url',
            'colab_badge', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
            'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage',
-           'notebook_rel', 'run', 'main']
+           'notebook_rel', 'FollowLog', 'run', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #e045d3fd
 def check(params_file:str,        # a YAML params file
@@ -401,7 +401,7 @@ def stage_main(argv:list[str]) -> int:
     ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
     P = load_params(a.params, run_dir=a.run_dir, **parse_sets(a.set))
-    stage_function(a.stage, a.entry)(P, **({'force': True} if a.force else {}))
+    with stage_logging(P.run_dir, a.stage): stage_function(a.stage, a.entry)(P, **({'force': True} if a.force else {}))
     if 'torch.distributed' in sys.modules:  # under accelerate launch: leave the process group cleanly (else gloo may abort at exit)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
@@ -551,6 +551,26 @@ def _execute(stage:str, P:Params, src:Path, out:Path, *, force:bool, entry:str|N
     except Exception as e: return _from_papermill(stage, e, out, src)
     return None
 
+class FollowLog:
+    "While inside, print each line added to a stage's log file (`tail -f` in a thread), indented under the stage's line."
+    def __init__(self, path:Path, log=print, *, every:float=0.5): self.path, self.log, self.every = Path(path), log, every
+    def __enter__(self):
+        self.pos = self.path.stat().st_size if self.path.exists() else 0   # lines of an earlier run are not repeated
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True); self.thread.start()
+        return self
+    def _read(self):
+        if not self.path.exists(): return
+        with open(self.path, 'rb') as f: f.seek(self.pos); data = f.read()
+        end = data.rfind(b'\n') + 1                                  # whole lines only
+        self.pos += end
+        for line in data[:end].decode(errors='replace').splitlines(): self.log(f"      {line}")
+    def _follow(self):
+        while not self.stop.wait(self.every): self._read()
+    def __exit__(self, *exc):
+        self.stop.set(); self.thread.join(); self._read()
+
+# %% ../nbs/08_pipeline.ipynb #4c33bb6c
 def _run_stage(stage:str, P:Params, src:Path, out:Path, *, tag:str, reason:str, prev_id:str|None, log=print, **kw):
     "Run one stage into the run directory: its timings, then its stamp when it succeeds; a `StageFailed` when not."
     rd = Path(P.run_dir)
@@ -558,7 +578,7 @@ def _run_stage(stage:str, P:Params, src:Path, out:Path, *, tag:str, reason:str, 
     _stamp_path(rd, stage).unlink(missing_ok=True)
     t0 = time.time()
     _update_timings(rd, stage, dict(status='running', started=_now(), notebook=str(out)), _MEMORY_NOTE)
-    with PeakRSS() as mem: err = _execute(stage, P, src, out, log=log, **kw)
+    with PeakRSS() as mem, FollowLog(stage_log_path(rd, stage), log): err = _execute(stage, P, src, out, log=log, **kw)
     wall = time.time() - t0
     entry = dict(status='failed' if err else 'ran', wall_s=round(wall, 2), peak_rss_mib=round(mem.peak/2**20, 1),
                  largest_process_mib=round(mem.largest/2**20, 1), finished=_now(), notebook=str(out))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .config import (Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, save_png, file_digest,
-                             remove_stale_temporaries, resolve_device)
+                             remove_stale_temporaries, resolve_device, log_line)
 from .data import load_classes
 from .classify import load_classifier, predict
 from .sampling import load_generator, generate_images
@@ -203,6 +203,10 @@ def plot_acceptance(summary:dict):
 # %% ../nbs/05_selfcheck.ipynb #39a0b945
 def _chunks(xs:list, n:int): return [xs[i:i+n] for i in range(0, len(xs), n)]
 
+def _per_class(rows:list[dict], class_names:list[str], target:int) -> str:
+    "Accepted images of each class against the target, for a progress line: 'a 4/4, b 1/4'."
+    return ', '.join(f"{n} {sum(bool(r.get('accepted')) for r in rows if r['label'] == c)}/{target}" for c, n in enumerate(class_names))
+
 def _judge_pending(run_dir:Path, rows:list[dict], classify_fn, threshold:float, chunk:int) -> int:
     pending = [r for r in rows if 'accepted' not in r]
     for part in _chunks(pending, chunk):
@@ -210,6 +214,7 @@ def _judge_pending(run_dir:Path, rows:list[dict], classify_fn, threshold:float, 
         for r, v in zip(part, judge(classify_fn(images), [r['label'] for r in part], threshold=threshold)): r.update(v)
     return len(pending)
 
+# %% ../nbs/05_selfcheck.ipynb #00c718a9
 def self_check(run_dir:str|Path,         # the run directory, with generated/ written by 04_generate
                class_names:list[str],    # class names in label order
                *, generate_fn,           # (labels, seeds) -> list of PIL images, one per (label, seed)
@@ -226,7 +231,9 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
                verbose:bool=True) -> dict:
     "Judge, reject and regenerate until every class has its target or its budget is spent; return the summary."
     run_dir = Path(run_dir)
-    say = print if verbose else (lambda *a, **k: None)
+    def say(msg:str):
+        log_line(f"self-check: {msg}")
+        if verbose: print(msg)
     limits = dict(target=target_per_class, max_rounds=max_rounds, max_candidates=max_candidates_per_class)
     state_file = run_dir/'selfcheck'/'state.json'
     state = read_json(state_file) if state_file.exists() else {}
@@ -250,7 +257,8 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
             for r, img in zip(part, images): save_png(img, run_dir/_folder(r)/r['file_name'])
         rows = commit(run_dir, rows + plan)
         say(f"regenerated {len(plan)} images for {len({r['label'] for r in plan})} class(es) "
-            f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted")
+            f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted; "
+            f"accepted per class: {_per_class(rows, class_names, target_per_class)}")
     summary = acceptance_summary(rows, class_names, threshold=accept_threshold, **limits)
     write_json(run_dir/'selfcheck'/'acceptance.json', summary)
     say(describe_acceptance(summary))

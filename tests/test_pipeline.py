@@ -303,6 +303,24 @@ def test_runner_leaves_out_slow_gpu_and_export_cells(tmp_path):
     assert not any('RuntimeError' in c.source for c in ex.cells)
     assert len(ex.cells) == len(nb.cells) - 3 + 1  # + papermill's injected parameters
 
+def test_progress_lines_reach_the_terminal_and_the_stage_log(tmp_path):
+    "A stage's progress lines (progress_bar, log_line) are printed by the runner as they come and kept in logs/<stage>.log."
+    slow_loop = """
+from medsynth.config import stage_logging, progress_bar, log_line
+with stage_logging(rd, 'data'):
+    log_line('data: reading the source')
+    for _ in progress_bar(range(3), desc='toy steps', unit='step', every=0, disable=True): time.sleep(0.7)"""
+    make_nbs(tmp_path/'nbs', SMALL, extra={'data': slow_loop})
+    res, out = go(tmp_path)
+    lines = out.splitlines()
+    start, done = (next(i for i, l in enumerate(lines) if 'data' in l and w in l) for w in ('running', 'done in'))
+    shown = [l.strip().split(' ', 1)[1] for l in lines[start+1:done]]
+    assert shown[0] == 'data: reading the source' and [l.split(' (')[0] for l in shown[1:]] == \
+        ['toy steps: 1/3 step', 'toy steps: 2/3 step', 'toy steps: 3/3 step', 'toy steps: 3/3 step'], out
+    assert 'step/s' in shown[1] and 'left' in shown[1]
+    assert (tmp_path/'run'/'logs'/'data.log').read_text().count('toy steps') == 4
+
+
 def test_plain_papermill_runs_the_stage_only(tmp_path):
     """Plain papermill (no kernel or language flag) on a stage notebook given a run directory runs its definitions and
     stage cells and skips its examples; with the defaults, as in JupyterLab, the examples run too."""
