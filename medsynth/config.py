@@ -15,7 +15,8 @@ __all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'in_colab',
            'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'resolve_device', 'resolve_precision',
            'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl',
            'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'stage_log_path', 'stage_logging',
-           'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest', 'params_hash', 'schema_table']
+           'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest', 'path_identity', 'params_hash',
+           'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -508,17 +509,37 @@ def fingerprint(obj) -> str:
     "16 hex digits of the sha256 of `obj` as canonical JSON (sorted keys; what JSON lacks, as `str`): the run directory's one fingerprint."
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+_DIGESTS:dict = {}   # (path, size, mtime) -> digest: a file is read once per process, however often it is fingerprinted
+
 def file_digest(path:str|Path) -> str:
     "16 hex digits of the sha256 of a file's bytes, read a MiB at a time."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()[:16]
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+def path_identity(value:str|None):
+    """What a parameter that names a file or folder contributes to a fingerprint: the file's content (`file_digest`),
+    a folder's files (relative names and contents), else the value itself (a Hub id, `tiny`, None). Where the file
+    lies does not count: a run directory copied elsewhere, or used from another checkout, keeps its fingerprints."""
+    p = Path(value) if isinstance(value, str) and value else None
+    if p is None or not p.exists(): return value
+    if p.is_file(): return {'file': file_digest(p)}
+    files = sorted(f for f in p.rglob('*') if f.is_file() and not any(s.startswith('.') for s in f.relative_to(p).parts))
+    return {'folder': fingerprint([[f.relative_to(p).as_posix(), file_digest(f)] for f in files])}
+
+_NOT_RESULTS = ('run_name', 'run_dir', 'num_workers', 'hf_cache', 'use_drive', 'drive_dir')   # where and how fast, not what
 
 def params_hash(P:Params, stage:str) -> str:
-    "A short fingerprint of the values read by `stage` and every stage before it (run naming excluded)."
+    """The fingerprint of the values read by `stage` and every stage before it: the one the runner stamps and the
+    stages compare. Files and folders count by content (`path_identity`); where outputs and caches go does not."""
     upto = STAGES[:STAGES.index(stage)+1]
-    return fingerprint({k: v for k, v in P.items() if SCHEMA[k].stage in upto and k not in ('run_name','run_dir','num_workers')})
+    vals = {k: v for k, v in P.items() if SCHEMA[k].stage in upto and k not in _NOT_RESULTS}
+    return fingerprint({k: path_identity(v) if SCHEMA[k].kind == 'path' or k == 'base_model' else v for k, v in vals.items()})
 
 # %% ../nbs/00_config.ipynb #6f563dac
 def schema_table(stage:str|None=None) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 from .config import (Params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
-                             remove_stale_temporaries, did_you_mean, fingerprint, file_digest)
+                             remove_stale_temporaries, did_you_mean, file_digest, path_identity)
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
@@ -477,16 +477,8 @@ def load_source(P:Params) -> Source:
         return list_csv(P.csv_file, P.data_root, path_column=P.csv_path_column, label_column=P.csv_label_column)
     raise DataError(f"`source`: unknown source {P.source!r}")
 
-def _stat(p:Path) -> list:
-    try: st = p.stat(); return [p.name, st.st_size, st.st_mtime_ns]
-    except OSError: return [p.name, None, None]
-
-def _tree_stamp(root:Path) -> str:
-    "A fingerprint of the relative paths, sizes and modification times of every file under `root`."
-    return fingerprint([[str(f.relative_to(root))] + _stat(f)[1:] for f in _files_under(root)] if root.is_dir() else [])
-
 def source_stamp(P:Params) -> dict:
-    "The parameters and file stamps that determine the dataset `P` builds (a re-run compares them)."
+    "The parameters and the contents of the files that determine the dataset `P` builds (a re-run compares them)."
     keys = ['source', 'seed', 'val_fraction', 'test_fraction', 'max_per_class', 'image_size', 'on_bad_image']
     keys += {'phantom': ['phantom_size', 'phantom_per_class'], 'medmnist': ['medmnist_flag', 'medmnist_size'],
              'imagefolder': [], 'csv': ['csv_path_column', 'csv_label_column']}[P.source]
@@ -494,11 +486,11 @@ def source_stamp(P:Params) -> dict:
     pf = Path(P.prompts_file)
     st['prompts'] = file_digest(pf) if pf.is_file() else None
     if P.source == 'phantom': st['phantom_version'] = PHANTOM_VERSION
-    if P.source == 'medmnist': st['npz'] = _stat(Path(P.medmnist_npz)) if P.medmnist_npz else 'download'
+    if P.source == 'medmnist': st['npz'] = path_identity(P.medmnist_npz) if P.medmnist_npz else 'download'
     if P.source == 'csv':
-        st['csv'] = _stat(Path(P.csv_file)) if P.csv_file else None
-        st['tree'] = _tree_stamp(Path(P.data_root) if P.data_root else Path(P.csv_file).parent) if P.csv_file else None
-    if P.source == 'imagefolder': st['tree'] = _tree_stamp(Path(P.data_root)) if P.data_root else None
+        st['csv'] = path_identity(P.csv_file)
+        st['tree'] = path_identity(P.data_root or str(Path(P.csv_file).parent)) if P.csv_file else None
+    if P.source == 'imagefolder': st['tree'] = path_identity(P.data_root)
     return st
 
 

@@ -1,7 +1,7 @@
 """The runner: papermill stage by stage into the run directory, skip-on-rerun, changed parameters, failures,
 the lock, --only/--from/--force, timings.json, accelerate passthrough. Stage notebooks here are small throwaway
 ones written to a temporary folder (the real ones are tested by their own chapters and the slow demo test)."""
-import configparser, json, os, signal, socket, subprocess, sys, time
+import configparser, json, os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import nbformat, pytest
 from conftest import ROOT
@@ -369,22 +369,43 @@ def test_demo_end_to_end(tmp_path):
     assert acc['below_target'] == [], acc['below_target']                             # every class reached its target
     assert (rd/'report'/'index.html').exists()
     _plain_papermill_keeps_a_finished_run(rd, 'demo-cpu.yaml', tmp_path)
+    _a_copied_run_used_from_another_checkout(rd, tmp_path)
 
-def _plain_papermill_keeps_a_finished_run(rd, profile, tmp_path):
+def _plain_papermill_keeps_a_finished_run(rd, profile, tmp_path, root=ROOT, env=None):
     "Plain papermill (no kernel flag) on every stage notebook of a finished run: nothing is redone, no example runs."
     done = {p: p.stat().st_mtime_ns for p in rd.rglob('*') if p.is_file() and 'notebooks' not in p.parts
             and p.name not in ('timings.json', '.medsynth.lock') and 'logs' not in p.parts}
     times = {}
     for stage, name in STAGE_NOTEBOOKS.items():
         t0 = time.time()
-        r = subprocess.run([sys.executable, '-m', 'papermill', str(ROOT/'nbs'/name), str(tmp_path/f'pm-{name}'),
+        r = subprocess.run([sys.executable, '-m', 'papermill', str(root/'nbs'/name), str(tmp_path/f'pm-{name}'),
                             '-p', 'params_file', f'params/{profile}', '-p', 'run_dir', str(rd)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
         times[stage] = round(time.time() - t0, 1)
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
     print('plain papermill on the finished run, seconds per stage notebook:', times)
     changed = [str(p.relative_to(rd)) for p, t in done.items() if not p.exists() or p.stat().st_mtime_ns != t]
     assert not changed, f"plain papermill redid finished work: {changed[:10]}"
+
+def _a_copied_run_used_from_another_checkout(rd, tmp_path):
+    """A finished run directory copied elsewhere (new file times) and used from another checkout (other absolute paths
+    for prompts.txt and the notebooks) is complete, through `medsynth run` and plain papermill alike; changing one
+    caption re-runs from the data stage on."""
+    other, copied = tmp_path/'other-checkout', tmp_path/'copied-run'
+    for f in ('nbs', 'params', 'medsynth'): shutil.copytree(ROOT/f, other/f, ignore=shutil.ignore_patterns('__pycache__', '_proc'))
+    for f in ('prompts.txt', 'settings.ini'): shutil.copy(ROOT/f, other/f)
+    shutil.copytree(rd, copied)
+    env = dict(os.environ, PYTHONPATH=str(other))
+    dry = lambda: subprocess.run(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(copied), '--dry-run'],
+                                 cwd=other, env=env, capture_output=True, text=True, timeout=300)
+    r = dry()
+    assert r.returncode == 0 and r.stdout.count('skipped: outputs complete') == len(STAGES), r.stdout + r.stderr
+    _plain_papermill_keeps_a_finished_run(copied, 'demo-cpu.yaml', tmp_path, root=other, env=env)
+    prompts = other/'prompts.txt'
+    prompts.write_text(prompts.read_text().replace('adipose tissue', 'fat tissue'))
+    r = dry()
+    assert r.stdout.count('would run') == len(STAGES) - 1 and 'config    skipped' in r.stdout, r.stdout   # data on
+
 
 @pytest.mark.slow
 def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
