@@ -151,7 +151,8 @@ def _generate_widgets(self:Explorer, opts:list, d:dict):
     self.w_generate = W.Button(description='Generate', button_style='primary', icon='paint-brush')
     self.w_next_seed = W.Checkbox(value=True, description='next seed after generating', indent=False)
     self.w_progress = W.IntProgress(value=0, min=0, max=1, description='', layout=W.Layout(width='240px'))
-    self.w_image = W.Image(format='png', layout=W.Layout(width=f'{2*size}px'))
+    # hidden until generate() gives it an image: an empty Image shows as a broken-image icon in the browser
+    self.w_image = W.Image(format='png', layout=W.Layout(width=f'{2*size}px', display='none'))
     self.w_verdict = W.HTML("<i>press Generate</i>")
     self.w_generate.on_click(lambda _: self.generate())
 
@@ -177,7 +178,7 @@ def generate(self:Explorer) -> Verdict:
     finally: self.w_generate.disabled = False
     self.w_progress.value, self.w_progress.bar_style = self.w_progress.max, 'success'
     self.last = v
-    self.w_image.value = png_bytes(v.image, size=2 * self.size)
+    self.w_image.value, self.w_image.layout.display = png_bytes(v.image, size=2 * self.size), None
     self.w_verdict.value = self.verdict_html(v)
     if self.w_next_seed.value: self.w_seed.value = seed + 1
     return v
