@@ -370,15 +370,6 @@ def draw_batch(cache:dict,                # encode_images output (+ 'scaling_fac
     return dict(latents=latents, text_emb=emb, noise=noise, timesteps=timesteps, index=i)
 
 # %% ../nbs/03_finetune.ipynb #74dee02c
-def _ckpt_step(p:Path) -> int:
-    m = re.fullmatch(r'checkpoint-(\d+)', p.name)
-    return int(m.group(1)) if m else -1
-
-def latest_checkpoint(folder:str|Path) -> Path|None:
-    "The complete `checkpoint-<step>` folder with the highest step in `folder`, or None."
-    cks = [p for p in Path(folder).glob('checkpoint-*') if _ckpt_step(p) >= 0 and (p/'medsynth.json').exists()]
-    return max(cks, key=_ckpt_step) if cks else None
-
 def _register_lora_hooks(accelerator, unet):
     "Make accelerate's save_state/load_state store only the LoRA adapter of `unet` (not the frozen base)."
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -393,6 +384,16 @@ def _register_lora_hooks(accelerator, unet):
         set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(str(Path(input_dir)/'unet_lora.safetensors')))
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+# %% ../nbs/03_finetune.ipynb #91586315
+def _ckpt_step(p:Path) -> int:
+    m = re.fullmatch(r'checkpoint-(\d+)', p.name)
+    return int(m.group(1)) if m else -1
+
+def latest_checkpoint(folder:str|Path) -> Path|None:
+    "The complete `checkpoint-<step>` folder with the highest step in `folder`, or None."
+    cks = [p for p in Path(folder).glob('checkpoint-*') if _ckpt_step(p) >= 0 and (p/'medsynth.json').exists()]
+    return max(cks, key=_ckpt_step) if cks else None
 
 def save_training_checkpoint(accelerator, folder:str|Path, step:int, state:dict, *, keep:int=2) -> Path:
     "accelerate's `save_state` into `folder/checkpoint-<step>`, atomically (temporary folder, rename); keep the last `keep`."

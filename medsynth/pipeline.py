@@ -16,7 +16,7 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError',
            'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'runner_skips', 'runner_cells',
-           'colab_url', 'colab_badge', 'read_stamp', 'write_stamp', 'stage_state', 'output_digests', 'RunLocked',
+           'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked',
            'RunLock', 'PeakRSS', 'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main',
            'StageFailed', 'execute_stage', 'notebook_rel', 'run', 'main']
 
@@ -167,6 +167,19 @@ def colab_badge(notebook:str) -> str:
     "Markdown for an 'Open in Colab' badge that opens `nbs/<notebook>`."
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(notebook)})"
 
+# %% ../nbs/08_pipeline.ipynb #91c3140e
+STAGE_CHECKSUMS = {  # files whose sha256 (`file_digest`) a stage's stamp records: a later change (a damaged copy) re-runs it
+    'classify':  ['classifier/model.safetensors', 'classifier/classifier.json'],
+    'finetune':  ['generator/generator.json', 'generator/lora/pytorch_lora_weights.safetensors',
+                  'generator/pipeline/unet/diffusion_pytorch_model.safetensors'],
+    'generate':  ['generated/generate.json'],
+}
+
+def output_digests(run_dir:str|Path, stage:str, files:list[str]|None=None) -> dict:
+    "`{file: file_digest}` of `files` (default: `STAGE_CHECKSUMS[stage]`) that exist in `run_dir`."
+    run_dir = Path(run_dir)
+    return {f: file_digest(run_dir/f) for f in (STAGE_CHECKSUMS.get(stage, []) if files is None else files) if (run_dir/f).is_file()}
+
 # %% ../nbs/08_pipeline.ipynb #0abe5526
 def _stamp_path(run_dir, stage): return Path(run_dir)/'stamps'/f'{stage}.json'
 
@@ -215,19 +228,6 @@ def stage_state(run_dir:str|Path, stage:str, P:Params, *,
     changed = [f for f, d in (st.get('digests') or {}).items() if output_digests(run_dir, stage, [f]).get(f) != d]
     if changed: return False, f"outputs changed since the stage finished (damaged?): {', '.join(changed)}"
     return True, "outputs complete for these parameters"
-
-# %% ../nbs/08_pipeline.ipynb #91c3140e
-STAGE_CHECKSUMS = {  # files whose sha256 (`file_digest`) a stage's stamp records: a later change (a damaged copy) re-runs it
-    'classify':  ['classifier/model.safetensors', 'classifier/classifier.json'],
-    'finetune':  ['generator/generator.json', 'generator/lora/pytorch_lora_weights.safetensors',
-                  'generator/pipeline/unet/diffusion_pytorch_model.safetensors'],
-    'generate':  ['generated/generate.json'],
-}
-
-def output_digests(run_dir:str|Path, stage:str, files:list[str]|None=None) -> dict:
-    "`{file: file_digest}` of `files` (default: `STAGE_CHECKSUMS[stage]`) that exist in `run_dir`."
-    run_dir = Path(run_dir)
-    return {f: file_digest(run_dir/f) for f in (STAGE_CHECKSUMS.get(stage, []) if files is None else files) if (run_dir/f).is_file()}
 
 # %% ../nbs/08_pipeline.ipynb #2b882a45
 class RunLocked(PipelineError):
