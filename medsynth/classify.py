@@ -20,6 +20,9 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'stem_for', 
            'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion', 'fit_kwargs',
            'classifier_complete', 'run_classify']
 
+# %% ../nbs/02_classify.ipynb #41fc55be
+from .config import ArtefactError, check_safetensors
+
 # %% ../nbs/02_classify.ipynb #a263daa8
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_INPUT = 64  # below this input size (px), `stem: auto` adapts ResNet-18's stem
@@ -599,6 +602,7 @@ def load_classifier(folder:str|Path,   # a folder written by `save_classifier`
     norm = meta['normalisation']
     model = Classifier(meta['n_classes'], image_size=meta['image_size'], stem=meta['stem'], mean=norm['mean'], std=norm['std'],
                        classes=meta['classes'], tta=meta.get('tta', False))
+    check_safetensors(folder/'model.safetensors', fix="delete it and run the classify stage again (`medsynth run PARAMS --from classify`)")
     model.net.load_state_dict(load_file(str(folder/'model.safetensors')), strict=True)
     model.meta = meta
     dev = torch.device('cpu') if device is None else (resolve_device(device) if isinstance(device, str) else torch.device(device))
@@ -681,6 +685,8 @@ def classifier_complete(out:str|Path, h:str) -> bool:
     "Does `out` hold a classifier and its metrics for parameters with fingerprint `h`?"
     out = Path(out)
     if not all((out/f).is_file() for f in ('model.safetensors', 'classifier.json', 'metrics.json', 'history.csv')): return False
+    try: check_safetensors(out/'model.safetensors')
+    except ArtefactError as e: print(f"classify: {e}; the classifier is trained again"); return False
     try: return read_json(out/'metrics.json').get('params_hash') == h
     except ValueError: return False
 

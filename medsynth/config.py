@@ -12,11 +12,12 @@ import yaml
 
 # %% auto #0
 __all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive',
-           'ParamsError', 'did_you_mean', 'coerce', 'Params', 'load_params', 'resolve_device', 'resolve_precision',
-           'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl',
-           'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries', 'stage_log_path', 'stage_logging',
-           'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest', 'path_identity', 'params_hash',
-           'schema_table']
+           'ParamsError', 'did_you_mean', 'coerce', 'Params', 'check_base_model', 'check_values', 'load_params',
+           'resolve_device', 'resolve_precision', 'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text',
+           'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries',
+           'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError', 'check_safetensors',
+           'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest',
+           'path_identity', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -282,14 +283,67 @@ class Params(dict):
 
 
 # %% ../nbs/00_config.ipynb #48b325dd
+class _UniqueKeyLoader(yaml.SafeLoader):
+    "yaml's SafeLoader, except that a key written twice in one mapping is an error naming it and both lines."
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            line = k.start_mark.line + 1
+            try:
+                if key in seen: raise ParamsError(f"line {line}: key `{key}` is given twice (first on line {seen[key]}); keep one")
+            except TypeError: continue  # an unhashable key: SafeLoader's own error says so
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 def _read_yaml(path:Path) -> dict:
     if not path.exists(): raise ParamsError(f"{path}: no such params file")
-    try: raw = yaml.safe_load(path.read_text())
+    if path.is_dir():
+        eg = next(iter(sorted(path.glob('*.yaml'))), None)
+        raise ParamsError(f"{path}: is a folder, not a params file; give a YAML file" + (f", e.g. {eg}" if eg else ''))
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as a UTF-8 YAML file") from None
+    except OSError as e: raise ParamsError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try: raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e: raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if raw is None: return {}
     if not isinstance(raw, dict): raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
     return raw
 
+# %% ../nbs/00_config.ipynb #a1c668a0
+def _hub_id(v:str) -> bool:
+    "Whether `v` reads as a Hugging Face id `org/name`."
+    parts = v.split('/')
+    return len(parts) == 2 and all(p and p[0].isalnum() and all(c.isalnum() or c in '-_.' for c in p) for p in parts)
+
+def check_base_model(v:str) -> str:
+    "`v` when it is 'tiny', a local diffusers folder (with model_index.json) or reads as a Hugging Face id `org/name`; else a `ParamsError` that says what to write."
+    if v == 'tiny': return v
+    p = Path(os.path.expandvars(v)).expanduser()
+    for q in dict.fromkeys((p, resolve_path(p))):   # as written (from the directory it is used in), or from the checkout
+        if q.is_dir():
+            if (q/'model_index.json').is_file(): return v
+            raise ParamsError(f"`base_model`: {q} is a folder but not a diffusers pipeline (no model_index.json); "
+                              "give a folder written by save_pretrained (e.g. a run's generator/pipeline), a Hugging Face id or 'tiny'")
+    if p.is_absolute() or v.startswith(('.', '~', '$')) or v.count('/') > 1 or '\\' in v:
+        raise ParamsError(f"`base_model`: no such folder {p}; give a local diffusers pipeline folder, a Hugging Face id or 'tiny'")
+    if _hub_id(v): return v
+    raise ParamsError(f"`base_model`: {v!r} is neither 'tiny', a local diffusers folder nor a Hugging Face id like "
+                      f"'stable-diffusion-v1-5/stable-diffusion-v1-5'{did_you_mean(v, ['tiny'])}")
+
+def check_values(vals:dict) -> dict:
+    "`vals` once the checks that need more than a type pass: sides that must be multiples of 8, `base_model`."
+    for k, null in (('resolution', "the images' side rounded up"), ('generate_size', "the generator's own side")):
+        v = vals.get(k)
+        if v is not None and v % 8:
+            raise ParamsError(f"`{k}`: {v} is not a multiple of 8, which Stable Diffusion pipelines need; "
+                              f"use {-(-v // 8) * 8} (or null: {null})")
+    if 'base_model' in vals: check_base_model(vals['base_model'])
+    return vals
+
+# %% ../nbs/00_config.ipynb #31ba9e9d
 def _check_known(d:dict, where:str):
     for k in d:
         if k not in SCHEMA: raise ParamsError(f"{where}: unknown key `{k}`{did_you_mean(k, SCHEMA, key=True)}")
@@ -313,6 +367,9 @@ def load_params(path:str|Path|None=None,  # a YAML params file; None takes the d
     for name, p in SCHEMA.items():
         if p.kind == 'path' and vals[name] is not None: vals[name] = str(resolve_path(vals[name]))
     vals['run_dir'] = str(resolve_run_dir(vals['run_name'], vals['run_dir'], use_drive=vals['use_drive'], drive_dir=vals['drive_dir']))
+    try: check_values(vals)
+    except ParamsError as e:   # the file's name goes first when the value came from it
+        raise ParamsError(f"{path}: {e}" if path is not None and str(e).split('`')[1] not in overrides else str(e)) from None
     return Params(vals)
 
 
@@ -432,6 +489,57 @@ def remove_stale_temporaries(folder:str|Path,        # where `atomic_path` wrote
         shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
         n += 1
     return n
+
+# %% ../nbs/00_config.ipynb #f48896f8
+def aside_path(path:str|Path) -> Path:
+    "Where `set_aside` keeps `path`: its hidden sibling `.<name>.aside`."
+    path = Path(path)
+    return path.parent/f".{path.name}.aside"
+
+def _remove(p:Path):
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+    elif p.exists() or p.is_symlink(): p.unlink()
+
+def set_aside(*paths:str|Path) -> list[Path]:
+    "Move each existing path to `aside_path(path)` (a rename: atomic); returns those moved. One aside at a time: restore or discard first."
+    moved = []
+    for p in map(Path, paths):
+        if aside_path(p).exists(): raise FileExistsError(f"{aside_path(p)} is already there: restore_aside or discard_aside it first")
+        if p.exists(): p.rename(aside_path(p)); moved.append(p)
+    return moved
+
+def restore_aside(*paths:str|Path) -> list[Path]:
+    "Put back what `set_aside` moved, removing what was built in its place since; returns the paths restored."
+    back = []
+    for p in map(Path, paths):
+        a = aside_path(p)
+        if not a.exists(): continue
+        if p.exists() or p.is_symlink():   # the new, unfinished work: out of the way first, then removed
+            tmp = p.parent/f".{p.name}.old-{os.getpid()}"; p.rename(tmp); _remove(tmp)
+        a.rename(p); back.append(p)
+    return back
+
+def discard_aside(*paths:str|Path):
+    "Delete what `set_aside` moved: the new work that replaces it is complete."
+    for p in map(Path, paths): _remove(aside_path(p))
+
+# %% ../nbs/00_config.ipynb #273457ba
+class ArtefactError(RuntimeError):
+    "A file of the run directory is damaged or incomplete: the message names it and what to do."
+
+def check_safetensors(path:str|Path,      # a .safetensors file
+                      *, fix:str=''       # what to do when it is damaged (ends the message)
+                     ) -> Path:
+    "`path` when it is a complete safetensors file (its header reads and covers the file), else an `ArtefactError` naming it."
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file(): raise ArtefactError(f"{path} is missing" + (f"; {fix}" if fix else ''))
+    try:
+        with safe_open(str(path), framework='pt') as f: f.keys()
+    except Exception as e:
+        raise ArtefactError(f"{path} is damaged or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                            + (f"; {fix}" if fix else '')) from None
+    return path
 
 # %% ../nbs/00_config.ipynb #fe5572a8
 _STAGE_LOG = contextvars.ContextVar('medsynth_stage_log', default=None)

@@ -21,10 +21,15 @@ from .sampling import LORA_WEIGHTS, load_base, generate_images, image_grid, chec
 __all__ = ['BOS', 'EOS', 'AUGMENTS', 'bytes_to_unicode', 'learn_bpe', 'build_tokenizer', 'build_tiny_pipeline', 'encode_captions',
            'caption_similarity', 'separate_captions', 'build_sd15_shaped_pipeline', 'to_pixels', 'train_vae',
            'fit_scaling_factor', 'encode_images', 'snr_weights', 'diffusion_loss', 'add_lora', 'save_lora',
-           'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'resume_training', 'prepare_training',
-           'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution', 'fit_images', 'finetune_key',
-           'generator_complete', 'clear_stale', 'training_images', 'base_pipeline', 'latent_cache', 'trainable_unet',
-           'stage_validator', 'train_generator', 'save_generator', 'run_finetune']
+           'draw_batch', 'latest_checkpoint', 'save_training_checkpoint', 'checkpoint_problem', 'resume_training',
+           'prepare_training', 'train_step', 'log_row', 'train_unet', 'validation_grid', 'train_resolution',
+           'fit_images', 'finetune_key', 'generator_complete', 'clear_stale', 'training_images', 'base_pipeline',
+           'latent_cache', 'trainable_unet', 'stage_validator', 'train_generator', 'save_generator', 'run_finetune']
+
+# %% ../nbs/03_finetune.ipynb #dece9760
+import os
+from .config import ArtefactError, check_safetensors, aside_path, set_aside, restore_aside, discard_aside
+from .sampling import generator_weights
 
 # %% ../nbs/03_finetune.ipynb #750aa9b2
 def bytes_to_unicode() -> dict[int, str]:
@@ -364,15 +369,6 @@ def draw_batch(cache:dict,                # encode_images output (+ 'scaling_fac
     return dict(latents=latents, text_emb=emb, noise=noise, timesteps=timesteps, index=i)
 
 # %% ../nbs/03_finetune.ipynb #74dee02c
-def _ckpt_step(p:Path) -> int:
-    m = re.fullmatch(r'checkpoint-(\d+)', p.name)
-    return int(m.group(1)) if m else -1
-
-def latest_checkpoint(folder:str|Path) -> Path|None:
-    "The complete `checkpoint-<step>` folder with the highest step in `folder`, or None."
-    cks = [p for p in Path(folder).glob('checkpoint-*') if _ckpt_step(p) >= 0 and (p/'medsynth.json').exists()]
-    return max(cks, key=_ckpt_step) if cks else None
-
 def _register_lora_hooks(accelerator, unet):
     "Make accelerate's save_state/load_state store only the LoRA adapter of `unet` (not the frozen base)."
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -387,6 +383,16 @@ def _register_lora_hooks(accelerator, unet):
         set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(str(Path(input_dir)/'unet_lora.safetensors')))
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+# %% ../nbs/03_finetune.ipynb #91586315
+def _ckpt_step(p:Path) -> int:
+    m = re.fullmatch(r'checkpoint-(\d+)', p.name)
+    return int(m.group(1)) if m else -1
+
+def latest_checkpoint(folder:str|Path) -> Path|None:
+    "The complete `checkpoint-<step>` folder with the highest step in `folder`, or None."
+    cks = [p for p in Path(folder).glob('checkpoint-*') if _ckpt_step(p) >= 0 and (p/'medsynth.json').exists()]
+    return max(cks, key=_ckpt_step) if cks else None
 
 def save_training_checkpoint(accelerator, folder:str|Path, step:int, state:dict, *, keep:int=2) -> Path:
     "accelerate's `save_state` into `folder/checkpoint-<step>`, atomically (temporary folder, rename); keep the last `keep`."
@@ -406,13 +412,37 @@ def save_training_checkpoint(accelerator, folder:str|Path, step:int, state:dict,
     accelerator.wait_for_everyone()
     return dest
 
+def checkpoint_problem(ck:Path) -> str|None:
+    "What makes the checkpoint folder `ck` unusable (a damaged weights file, an unreadable `medsynth.json`), or None."
+    try:
+        for f in sorted(ck.glob('*.safetensors')): check_safetensors(f)
+        st = read_json(ck/'medsynth.json'); st['step'], st['log']
+    except (ArtefactError, ValueError, KeyError, TypeError, OSError) as e: return str(e)
+    return None
+
 def resume_training(accelerator, folder:str|Path) -> tuple[int, list[dict], str|None]:
-    "Load the latest complete checkpoint of `folder` into the prepared objects: (its step, the log so far, its name); (0, [], None) without one."
-    if (ck := latest_checkpoint(folder)) is None: return 0, [], None
-    accelerator.load_state(str(ck))
-    st = read_json(ck/'medsynth.json')
-    accelerator.print(f"resumed from {ck.name} at step {st['step']}")
-    return st['step'], st['log'], ck.name
+    """Load the latest usable checkpoint of `folder` into the prepared objects: (its step, the log so far, its name);
+    (0, [], None) without one. A damaged checkpoint is set aside as `.checkpoint-<step>.damaged`, saying so, for the one before it."""
+    cks = sorted((p for p in Path(folder).glob('checkpoint-*') if _ckpt_step(p) >= 0 and (p/'medsynth.json').exists()),
+                 key=_ckpt_step, reverse=True)
+    for ck in cks:
+        if (why := checkpoint_problem(ck)) is None:
+            try: accelerator.load_state(str(ck))
+            except Exception as e:
+                raise ArtefactError(f"{ck} could not be loaded ({type(e).__name__}: {str(e)[:200]}); delete that folder to resume "
+                                    "from the checkpoint before it (or run the stage with --force to train from step 0)") from None
+            st = read_json(ck/'medsynth.json')
+            accelerator.print(f"resumed from {ck.name} at step {st['step']}")
+            return st['step'], st['log'], ck.name
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            bad = ck.parent/f'.{ck.name}.damaged'
+            if bad.exists(): shutil.rmtree(bad)
+            ck.rename(bad)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"finetune: {ck} cannot be resumed from: {why}; set aside as {ck.parent/f'.{ck.name}.damaged'}, "
+                          f"falling back to " + (cks[cks.index(ck)+1].name if ck is not cks[-1] else "step 0 (no checkpoint before it)"))
+    return 0, [], None
 
 # %% ../nbs/03_finetune.ipynb #74ed0959
 def prepare_training(unet,                      # the UNet to train (its trainable parameters: `requires_grad`)
@@ -602,19 +632,28 @@ def _move(m, device, dtype=None):
     return m.to(device) if dtype is None or m.dtype == dtype else m.to(device, dtype)
 
 def generator_complete(gdir:Path, key:str) -> bool:
-    "Whether `gdir/generator.json` records a finished training for `key`."
+    "Whether `gdir/generator.json` records a finished training for `key` whose weights read whole (damaged ones: said, and not complete)."
     done = gdir/'generator.json'
-    return done.exists() and read_json(done).get('key') == key
+    if not (done.exists() and read_json(done).get('key') == key): return False
+    try:
+        for w in generator_weights(gdir, read_json(done)): check_safetensors(w)
+    except ArtefactError as e:
+        print(f"finetune: {e}; the generator is made again (from its last checkpoint)"); return False
+    return True
 
-def clear_stale(gdir:Path, key:str, accelerator, *, force:bool=False):
-    "Remove what `gdir` holds for other parameters (or everything, with `force`) and record `key` as what it is for now."
-    stamp = gdir/'key.json'   # what the checkpoints and cache in gdir were made for
-    if accelerator.is_main_process and stamp.exists() and (force or read_json(stamp).get('key') != key):
-        print(f"finetune: {'forced' if force else 'parameters changed since the last run'}: starting over")
-        for p in ('checkpoints', 'samples', 'base', 'cache.pt', 'pipeline', 'lora', 'generator.json', 'logs'):
-            q = gdir/p; shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
-    if accelerator.is_main_process: write_json(stamp, dict(key=key))
+def clear_stale(gdir:Path, key:str, accelerator, *, force:bool=False) -> bool:
+    """Make `gdir` the place that trains `key`: a generator a killed run had set aside comes back first; one made for
+    other parameters (or any, with `force`) is set aside until the new one is complete. Returns whether it was set aside."""
+    stamp, moved = gdir/'key.json', False   # key.json: what the checkpoints and cache in gdir were made for
+    if accelerator.is_main_process:
+        if restore_aside(gdir): print(f"finetune: a run replacing {gdir} did not finish: the previous generator is back")
+        if stamp.exists() and (force or read_json(stamp).get('key') != key):
+            print(f"finetune: {'forced' if force else 'parameters changed since the last run'}: starting over "
+                  f"(the previous generator is kept as {aside_path(gdir)} until the new one is complete)")
+            moved = bool(set_aside(gdir))
+        gdir.mkdir(parents=True, exist_ok=True); write_json(stamp, dict(key=key))
     accelerator.wait_for_everyone()
+    return moved
 
 # %% ../nbs/03_finetune.ipynb #6240a9d4
 def training_images(P:Params) -> tuple:
@@ -772,10 +811,10 @@ def save_generator(P:Params, gdir:Path, pipe, result:dict, *, key:str, resolutio
     return info
 
 # %% ../nbs/03_finetune.ipynb #babbba14
-def run_finetune(P:Params,                 # resolved parameters
+def _run_finetune(P:Params,                 # resolved parameters
                  *, force:bool=False,      # train from step 0 even when generator/ is complete or has checkpoints
                  progress:bool=True) -> Path:
-    "The fine-tuning stage: train the generator of `P` into `<run_dir>/generator/`; resumable. Returns that folder."
+    "The fine-tuning stage's work: train the generator of `P` into `<run_dir>/generator/`; resumable. Returns that folder."
     run_dir = Path(P.run_dir); gdir = run_dir/'generator'
     key = finetune_key(P)
     if not force and generator_complete(gdir, key):
@@ -786,6 +825,8 @@ def run_finetune(P:Params,                 # resolved parameters
     gdir.mkdir(parents=True, exist_ok=True)
     acc = _make_accelerator(P, gdir)
     clear_stale(gdir, key, acc, force=force)
+    if not force and generator_complete(gdir, key):   # the generator a killed run was replacing, back and complete
+        print(f"finetune: {gdir} is complete for these parameters; kept as it is"); return gdir
     wdtype = torch_dtype(resolve_precision(P.precision, acc.device))
     x, y, classes, crop = training_images(P)
     captions = [c['caption'] for c in classes]
@@ -800,3 +841,20 @@ def run_finetune(P:Params,                 # resolved parameters
     acc.wait_for_everyone()
     acc.end_training()
     return gdir
+
+# %% ../nbs/03_finetune.ipynb #b2247937
+def _main_rank() -> bool: return os.environ.get('RANK', '0') == '0'   # the process of `accelerate launch` that moves folders
+
+def run_finetune(P:Params,                 # resolved parameters
+                 *, force:bool=False,      # train from step 0 even when generator/ is complete or has checkpoints
+                 progress:bool=True) -> Path:
+    """The fine-tuning stage: train the generator of `P` into `<run_dir>/generator/`; resumable. Returns that folder.
+    A generator it replaces is put back if the new training fails, and deleted once the new one is complete."""
+    gdir = Path(P.run_dir)/'generator'
+    try: out = _run_finetune(P, force=force, progress=progress)
+    except BaseException:
+        if _main_rank() and restore_aside(gdir):
+            print(f"finetune: failed before the new generator was complete: the previous one is back in {gdir}")
+        raise
+    if _main_rank(): discard_aside(gdir)
+    return out

@@ -16,6 +16,9 @@ from .sampling import load_generator, generate_images, image_grid
 __all__ = ['image_seed', 'candidate_file', 'plan_images', 'merge_rows', 'generate_rows', 'generate_key', 'gen_settings',
            'gen_kwargs', 'plot_generated', 'run_generate']
 
+# %% ../nbs/04_generate.ipynb #d7b82bde
+from .config import set_aside, restore_aside, discard_aside
+
 # %% ../nbs/04_generate.ipynb #c0f5ee6f
 def image_seed(seed:int, label:int, index:int, rnd:int=0) -> int:
     "The seed of image `index` of class `label` in self-check round `rnd` of a run seeded `seed`."
@@ -111,10 +114,10 @@ def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_cl
     return save_png(image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])), path)
 
 # %% ../nbs/04_generate.ipynb #1c51d95b
-def run_generate(P:Params,                 # resolved parameters
+def _run_generate(P:Params,                 # resolved parameters
                  *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ go)
                  progress:bool=True) -> dict:
-    "The generation stage: round 0 of `generated/` for `P`, generating only the images that are missing."
+    "The generation stage's work: round 0 of `generated/` for `P`, generating only the images that are missing."
     run_dir = Path(P.run_dir); out = run_dir/'generated'; gdir = run_dir/'generator'
     if not (gdir/'generator.json').exists():
         raise FileNotFoundError(f"{gdir/'generator.json'} is missing: run the finetune stage (03_finetune) first")
@@ -125,8 +128,8 @@ def run_generate(P:Params,                 # resolved parameters
     changed = stamp.exists() and read_json(stamp).get('key') != key
     if changed or (force and out.exists()):
         print(f"generate: {'the generator or the sampler settings changed' if changed else 'forced'}: "
-              f"removing the old generated/, rejected/ and the self-check's record")
-        for d in (out, run_dir/'rejected', run_dir/'selfcheck'): shutil.rmtree(d, ignore_errors=True)
+              f"the old generated/, rejected/ and the self-check's record are set aside until the new round 0 is complete")
+        set_aside(*_replaced(run_dir))
     out.mkdir(parents=True, exist_ok=True)
     write_json(stamp, dict(key=key, status='running'))
     plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
@@ -149,4 +152,23 @@ def run_generate(P:Params,                 # resolved parameters
     summary = dict(key=key, status='complete', planned=len(plan), generated=len(todo), seconds=secs,
                    images_per_second=round(len(todo)/secs, 2) if todo and secs else None, **gen_settings(P, info))
     write_json(stamp, summary)
+    return summary
+
+
+
+# %% ../nbs/04_generate.ipynb #c1e12df1
+def _replaced(run_dir:Path) -> tuple[Path, ...]: return (run_dir/'generated', run_dir/'rejected', run_dir/'selfcheck')
+
+def run_generate(P:Params,                 # resolved parameters
+                 *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ are replaced)
+                 progress:bool=True) -> dict:
+    """The generation stage: round 0 of `generated/` for `P`, generating only the images that are missing. What it
+    replaces is put back if it fails (or, killed, when it runs next), and deleted once the new round 0 is complete."""
+    old = _replaced(Path(P.run_dir))
+    if restore_aside(*old): print("generate: a run replacing generated/ did not finish: the previous images are back")
+    try: summary = _run_generate(P, force=force, progress=progress)
+    except BaseException:
+        if restore_aside(*old): print("generate: failed before the new round 0 was complete: the previous images are back")
+        raise
+    discard_aside(*old)
     return summary

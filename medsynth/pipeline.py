@@ -14,11 +14,14 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
-           'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError', 'notebooks_dir',
-           'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only', 'colab_url',
-           'colab_badge', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'run_config',
-           'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage',
-           'notebook_rel', 'FollowLog', 'run', 'main']
+           'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError',
+           'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only',
+           'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked',
+           'RunLock', 'PeakRSS', 'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main',
+           'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'main']
+
+# %% ../nbs/08_pipeline.ipynb #cf7db02d
+from .config import file_digest
 
 # %% ../nbs/08_pipeline.ipynb #e045d3fd
 def check(params_file:str,        # a YAML params file
@@ -176,6 +179,19 @@ def colab_badge(notebook:str) -> str:
     "Markdown for an 'Open in Colab' badge that opens `nbs/<notebook>`."
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(notebook)})"
 
+# %% ../nbs/08_pipeline.ipynb #91c3140e
+STAGE_CHECKSUMS = {  # files whose sha256 (`file_digest`) a stage's stamp records: a later change (a damaged copy) re-runs it
+    'classify':  ['classifier/model.safetensors', 'classifier/classifier.json'],
+    'finetune':  ['generator/generator.json', 'generator/lora/pytorch_lora_weights.safetensors',
+                  'generator/pipeline/unet/diffusion_pytorch_model.safetensors'],
+    'generate':  ['generated/generate.json'],
+}
+
+def output_digests(run_dir:str|Path, stage:str, files:list[str]|None=None) -> dict:
+    "`{file: file_digest}` of `files` (default: `STAGE_CHECKSUMS[stage]`) that exist in `run_dir`."
+    run_dir = Path(run_dir)
+    return {f: file_digest(run_dir/f) for f in (STAGE_CHECKSUMS.get(stage, []) if files is None else files) if (run_dir/f).is_file()}
+
 # %% ../nbs/08_pipeline.ipynb #0abe5526
 def _stamp_path(run_dir, stage): return Path(run_dir)/'stamps'/f'{stage}.json'
 
@@ -192,7 +208,8 @@ def _stage_values(P:Params, stage:str) -> dict:
 def write_stamp(run_dir:str|Path, stage:str, P:Params, *, after:str|None, wall_s:float, notebook:str) -> dict:
     "Record that `stage` completed for the parameters `P`, after the stage whose stamp id is `after`."
     st = dict(stage=stage, params_hash=params_hash(P, stage), id=uuid.uuid4().hex[:12], after=after,
-              finished=_now(), wall_s=round(wall_s, 2), notebook=notebook, values=_stage_values(P, stage))
+              finished=_now(), wall_s=round(wall_s, 2), notebook=notebook, values=_stage_values(P, stage),
+              digests=output_digests(run_dir, stage))
     write_json(_stamp_path(run_dir, stage), st)
     return st
 
@@ -220,6 +237,8 @@ def stage_state(run_dir:str|Path, stage:str, P:Params, *,
     if st.get('after') != prev_id: return False, "an earlier stage has run again since"
     miss = _missing(run_dir, outputs)
     if miss: return False, f"outputs missing: {', '.join(miss)}"
+    changed = [f for f, d in (st.get('digests') or {}).items() if output_digests(run_dir, stage, [f]).get(f) != d]
+    if changed: return False, f"outputs changed since the stage finished (damaged?): {', '.join(changed)}"
     return True, "outputs complete for these parameters"
 
 # %% ../nbs/08_pipeline.ipynb #2b882a45
@@ -227,20 +246,49 @@ class RunLocked(PipelineError):
     "Another run is writing the run directory."
 
 # %% ../nbs/08_pipeline.ipynb #637f892d
+LOCK_FILE = '.medsynth.lock'   # the run directory's one-writer lock
+
+def _lock_owner(info:dict, age:float, *, stale_after:float) -> str|None:
+    "Who still owns a lock file whose content is `info` and last touch `age` s ago (a message), or None when its run is gone."
+    pid, host = info.get('pid'), info.get('host')
+    when = datetime.fromtimestamp(info['started']).isoformat(timespec='seconds') if info.get('started') else '?'
+    if host not in (None, socket.gethostname()):  # another machine (a Colab VM, a cluster node): go by the heartbeat
+        if age < stale_after:
+            return (f"is being written by a run on host {host} (pid {pid}, started {when}, alive {age:.0f} s ago); wait for it, "
+                    f"or delete {LOCK_FILE} in it if no run is active")
+        return None
+    if pid is not None and pid_alive(int(pid), info.get('started')):
+        return f"is being written by another run (pid {pid}, started {when}); wait for it to finish, or use another --run-dir"
+    return None
+
+def _lock_fd(path:Path) -> int|None:
+    """An open descriptor of the lock file at `path` with an exclusive `flock` on it, or None when another process holds
+    it. The kernel drops a flock when its process dies (kill -9 included), and two runs cannot both hold it."""
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: os.close(fd); return None
+        except OSError: return fd   # a filesystem without flock: the lock file's content decides alone
+        try: same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError: same = False
+        if same: return fd
+        os.close(fd)                # released and removed since we opened it: open the new one
+
+# %% ../nbs/08_pipeline.ipynb #9f129572
 class RunLock:
-    "Exclusive ownership of a run directory while a run writes it (a context manager); the lock file's time is a heartbeat."
+    """Exclusive ownership of a run directory while a run writes it (a context manager): an flock on `.medsynth.lock`,
+    whose content names the run and whose time is a heartbeat (for runs on other hosts)."""
     def __init__(self, run_dir:str|Path, *, log=print,
                  heartbeat:float=30,     # seconds between touches of the lock file while held
                  stale_after:float=300): # a lock from another host untouched this long belongs to a run that is gone
-        self.path, self.log, self.held = Path(run_dir)/'.medsynth.lock', log, False
+        self.path, self.log, self.held, self.fd = Path(run_dir)/LOCK_FILE, log, False, None
         self.heartbeat, self.stale_after, self._stop = heartbeat, stale_after, threading.Event()
 
-    def _create(self) -> bool:
-        try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError: return False
-        with os.fdopen(fd, 'w') as f:
-            json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time(), argv=sys.argv), f)
-        return True
+    def _info(self) -> tuple[dict, float]:
+        try: return json.loads(self.path.read_text() or '{}'), time.time() - self.path.stat().st_mtime
+        except FileNotFoundError: return {}, 0.0
+        except (json.JSONDecodeError, OSError): return {}, float('inf')
 
     def _beat(self):
         while not self._stop.wait(self.heartbeat):
@@ -249,39 +297,30 @@ class RunLock:
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            if self._create():
-                self.held = True; self._stop.clear()
-                threading.Thread(target=self._beat, daemon=True).start()
-                return self
-            try: info, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
-            except FileNotFoundError: continue
-            except (json.JSONDecodeError, OSError):
-                if time.time() - self.path.stat().st_mtime < 10: time.sleep(1); continue  # being written right now
-                info, age = {}, float('inf')
-            pid, host = info.get('pid'), info.get('host')
+        fd = _lock_fd(self.path)
+        info, age = self._info()
+        owner = _lock_owner(info, age, stale_after=self.stale_after)
+        if fd is None or owner:   # flocked by a live run, or named by one that holds no flock (another host, an older medsynth)
+            if fd is not None: os.close(fd)
+            raise RunLocked(f"{self.path.parent} {owner or 'is being taken over by another run right now'}")
+        if info.get('pid'):
             when = datetime.fromtimestamp(info['started']).isoformat(timespec='seconds') if info.get('started') else '?'
-            if host not in (None, socket.gethostname()):  # another machine (a Colab VM, a cluster node): go by the heartbeat
-                if age < self.stale_after:
-                    raise RunLocked(f"{self.path.parent} is being written by a run on host {host} (pid {pid}, started {when}, "
-                                    f"alive {age:.0f} s ago); wait for it, or delete {self.path} if no run is active")
-                gone = f"no sign of life for {age/60:.0f} min"
-            elif pid is not None and pid_alive(int(pid), info.get('started')):
-                raise RunLocked(f"{self.path.parent} is being written by another run (pid {pid}, started {when}); "
-                                f"wait for it to finish, or use another --run-dir")
-            else: gone = "no longer running"
-            self.log(f"taking over a stale lock on {self.path.parent}: its run (pid {pid}, started {when}) is {gone}")
-            try: self.path.unlink()
-            except FileNotFoundError: pass
-        raise RunLocked(f"could not lock {self.path}")
+            self.log(f"taking over a stale lock on {self.path.parent}: its run (pid {info['pid']}, started {when}) is "
+                     + (f"no sign of life for {age/60:.0f} min" if info.get('host') not in (None, socket.gethostname()) else "no longer running"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time(), argv=sys.argv)).encode(), 0)
+        os.fsync(fd)
+        self.fd, self.held = fd, True; self._stop.clear()
+        threading.Thread(target=self._beat, daemon=True).start()
+        return self
 
     def release(self):
         if not self.held: return
         self._stop.set()
         try:
-            if json.loads(self.path.read_text()).get('pid') == os.getpid(): self.path.unlink()
-        except (FileNotFoundError, json.JSONDecodeError): pass
-        self.held = False
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino: self.path.unlink()  # while still holding it
+        except FileNotFoundError: pass
+        finally: os.close(self.fd); self.fd, self.held = None, False
 
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()

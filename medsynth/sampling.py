@@ -12,8 +12,11 @@ from tqdm.auto import tqdm
 from .config import ParamsError, read_json, resolve_device, resolve_precision, torch_dtype
 
 # %% auto #0
-__all__ = ['LORA_WEIGHTS', 'SCHEDULERS', 'load_base', 'load_generator', 'set_scheduler', 'generate_images', 'image_grid',
-           'check_images']
+__all__ = ['LORA_WEIGHTS', 'SCHEDULERS', 'load_base', 'generator_weights', 'load_generator', 'set_scheduler', 'generate_images',
+           'image_grid', 'check_images']
+
+# %% ../nbs/02a_sampling.ipynb #937b3107
+from .config import ArtefactError, check_safetensors
 
 # %% ../nbs/02a_sampling.ipynb #77692124
 def load_base(base_model:str,          # a Hugging Face id or a local diffusers folder
@@ -24,10 +27,16 @@ def load_base(base_model:str,          # a Hugging Face id or a local diffusers 
     local = Path(base_model).expanduser()
     if local.exists() and not (local/'model_index.json').exists():
         raise ParamsError(f"`base_model`: {local} exists but is not a diffusers pipeline folder (no model_index.json)")
+    fix = ("replace the folder (a run's generator/pipeline: run that run's finetune stage again, which notices it "
+           "and trains from its last checkpoint)")
+    if local.exists():
+        for f in sorted(local.rglob('*.safetensors')): check_safetensors(f, fix=fix)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else base_model, torch_dtype=dtype,
                                                        safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as e:
+        if local.exists(): raise ArtefactError(f"{local}: this diffusers pipeline could not be loaded ({type(e).__name__}: "
+                                               f"{str(e).splitlines()[0][:200]}); {fix}") from None
         raise ParamsError(
             f"`base_model`: could not load {base_model!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "A Hugging Face id is downloaded on first use (network, and the model's licence accepted on the Hub); "
@@ -38,6 +47,16 @@ def load_base(base_model:str,          # a Hugging Face id or a local diffusers 
 
 # %% ../nbs/02a_sampling.ipynb #93452272
 LORA_WEIGHTS = 'pytorch_lora_weights.safetensors'   # the LoRA file of a run: generator/lora/LORA_WEIGHTS
+
+def generator_weights(gdir:str|Path,    # a run's generator/ folder
+                      info:dict           # its generator.json
+                     ) -> list[Path]:
+    "The weights files of a run's generator that `generator.json` names: the LoRA file, or every one of the pipeline folder."
+    gdir, files = Path(gdir), info.get('files') or {}
+    if files.get('lora'): return [gdir/files['lora']]
+    if files.get('pipeline'):
+        return sorted((gdir/files['pipeline']).rglob('*.safetensors')) or [gdir/files['pipeline']/'unet'/'diffusion_pytorch_model.safetensors']
+    return []
 
 def load_generator(P_or_run_dir,            # Params, or a run directory
                    *, device=None,          # default: the params' device (auto: cuda, mps, cpu)
@@ -51,6 +70,9 @@ def load_generator(P_or_run_dir,            # Params, or a run directory
     info = read_json(gdir/'generator.json')
     device = torch.device(device) if device is not None else resolve_device(dev_name)
     if dtype is None: dtype = torch_dtype(resolve_precision(prec, device))
+    for w in generator_weights(gdir, info):
+        check_safetensors(w, fix=f"run the finetune stage of {run_dir} again (`medsynth run PARAMS --from finetune`): "
+                                 f"it notices the damage and trains the generator again from its last checkpoint")
     if info['method'] == 'lora':
         pipe = load_base(info['base_model'], dtype=dtype)
         pipe.load_lora_weights(str(gdir/'lora'), weight_name=LORA_WEIGHTS)
