@@ -209,7 +209,7 @@ def resolve_run_dir(run_name:str, run_dir:str|None=None, **kw) -> Path:
     return outputs_root(**kw)/run_name
 
 # %% ../nbs/00_config.ipynb #1e46d58e
-def mount_drive(P:Params):
+def mount_drive(P:'Params'):
     "On Colab with `use_drive`: mount Drive and point the Hugging Face cache at it. Elsewhere: nothing."
     if not (P.use_drive and in_colab()): return
     from google.colab import drive  # only exists on Colab
@@ -410,9 +410,16 @@ def mixed_precision(precision:str) -> str:
     return {'fp32': 'no', 'fp16': 'fp16', 'bf16': 'bf16'}[precision]
 
 # %% ../nbs/00_config.ipynb #ff869ee6
+def _same_bytes(a:Path, b:Path, limit:int=64<<20) -> bool:
+    "Whether the files `a` and `b` hold the same bytes (files over `limit` bytes are never compared)."
+    if not (a.is_file() and b.is_file()) or b.is_symlink(): return False
+    size = a.stat().st_size
+    return size == b.stat().st_size and size <= limit and a.read_bytes() == b.read_bytes()
+
 @contextlib.contextmanager
 def atomic_path(dest:str|Path):
-    "Yield a temporary path beside `dest`; on success it is renamed to `dest`, on error removed."
+    """Yield a temporary path beside `dest`; on success it is renamed to `dest`, on error removed. A file with the
+    bytes `dest` already holds leaves `dest` untouched, so its time stamp says when its content last changed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent/f".{dest.name}.tmp-{os.getpid()}"
@@ -420,7 +427,8 @@ def atomic_path(dest:str|Path):
     elif tmp.exists(): tmp.unlink()
     try:
         yield tmp
-        if dest.is_dir() and not dest.is_symlink():
+        if _same_bytes(tmp, dest): tmp.unlink()
+        elif dest.is_dir() and not dest.is_symlink():
             old = dest.parent/f".{dest.name}.old-{os.getpid()}"
             dest.rename(old); tmp.rename(dest); shutil.rmtree(old)
         else: os.replace(tmp, dest)

@@ -125,13 +125,13 @@ def _run_generate(P:Params,                 # resolved parameters
     classes = load_classes(run_dir)
     key = generate_key(P, info)
     stamp = out/'generate.json'
-    changed = stamp.exists() and read_json(stamp).get('key') != key
+    done = read_json(stamp) if stamp.exists() else {}
+    changed = bool(done) and done.get('key') != key
     if changed or (force and out.exists()):
         print(f"generate: {'the generator or the sampler settings changed' if changed else 'forced'}: "
               f"the old generated/, rejected/ and the self-check's record are set aside until the new round 0 is complete")
-        set_aside(*_replaced(run_dir))
+        set_aside(*_replaced(run_dir)); done = {}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, dict(key=key, status='running'))
     plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
     meta = read_jsonl(out/'metadata.jsonl', missing_ok=True)
     rej = run_dir/'rejected'/'metadata.jsonl'
@@ -141,6 +141,10 @@ def _run_generate(P:Params,                 # resolved parameters
     recovered = [r for r in plan if r['file_name'] not in have and (out/r['file_name']).exists()]
     if recovered: write_jsonl(out/'metadata.jsonl', merge_rows(meta, recovered)); have |= {r['file_name'] for r in recovered}
     todo = [r for r in plan if r['file_name'] not in have]
+    if not todo and done.get('status') == 'complete' and (gdir/'generated.png').exists():
+        print(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
+        return done                                            # a finished round 0 is left as it is, stamp included
+    write_json(stamp, dict(key=key, status='running'))
     t = time.time()
     if todo:
         print(f"generate: {len(todo)} of {len(plan)} images to draw ({len(plan) - len(todo)} already there)")

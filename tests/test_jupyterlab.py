@@ -225,8 +225,11 @@ def test_notebooks_in_jupyterlab(lab, tmp_path):
         new = _files(lab.root/'nbs') - nbs_before
         assert not new, f"running 01_data.ipynb in JupyterLab left files under nbs/: {sorted(new)}"
         i = _scroll_to_cell(browser, "for _f in ('class_balance.png'", block='center')
-        figs = browser.js(f"""Promise.all(Array.from(window.__nb.content.widgets[{i}].node
-                 .querySelectorAll('.jp-OutputArea img')).map(im => im.decode().then(() => im.naturalWidth, () => 0)))""")
+        for _ in range(40):                   # a loaded machine renders the scrolled-to outputs a moment later
+            figs = browser.js(f"""Promise.all(Array.from(window.__nb.content.widgets[{i}].node
+                     .querySelectorAll('.jp-OutputArea img')).map(im => im.decode().then(() => im.naturalWidth, () => 0)))""")
+            if len(figs) == 2 and all(w > 0 for w in figs): break
+            time.sleep(0.5)
         assert len(figs) == 2 and all(w > 0 for w in figs), f"the data stage's two figures are not shown: {figs}"
         browser.screenshot(ARTIFACTS/'lab-01_data.png')
 
