@@ -8,7 +8,7 @@ import os, sys, re, json, time, uuid, shutil, socket, argparse, tempfile, import
 from datetime import datetime, timezone
 from pathlib import Path
 import yaml
-from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, resolve_path,
+from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, params_path,
                              in_colab, mount_drive, save_params, write_json, read_json, resolve_device, resolve_precision,
                              mixed_precision, pid_alive, stage_log_path, stage_logging)
 
@@ -562,11 +562,9 @@ def notebook_rel(p:Path, root:Path) -> str:
 def _run_params(params_file:str|Path|None, run_dir:str|None, overrides:dict) -> tuple[Params, str|None, dict]:
     "The run's parameters, the params file as an absolute path, and the overrides as the stage kernels get them."
     P = load_params(params_file, run_dir=run_dir, **overrides)
-    if params_file is not None:
-        pf = Path(params_file).expanduser()
-        params_file = str(pf.resolve() if pf.exists() else resolve_path(pf))
-    # give the kernel the resolved (absolute) value of every path override: they do not depend on its directory
-    return P, params_file, {k: (P[k] if SCHEMA[k].kind == 'path' else v) for k, v in overrides.items()}
+    if params_file is not None: params_file = str(params_path(params_file))
+    # the kernels get the resolved values (paths absolute): a kernel runs in another directory than the one given here
+    return P, params_file, {k: P[k] for k in overrides if overrides[k] is not None}
 
 def _checked_notebooks(nbs_dir:str|Path|None, notebooks:dict, selected:list[str]) -> Path:
     "The folder of stage notebooks, once every selected stage's notebook is there, with a proper `parameters` cell."
