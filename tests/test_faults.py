@@ -161,3 +161,38 @@ def test_stale_lock_two_runs_one_refused_every_time(tmp_path):
         outs = sorted(p.communicate(timeout=60)[0].strip() for p in ps)
         assert outs == ['got', 'refused'], (i, outs)
         assert not (rd/'.medsynth.lock').exists()
+
+# --- a runner told to stop -----------------------------------------------------------------------------------------
+
+_SLOW_STAGE = """import os, subprocess, time
+from pathlib import Path
+from medsynth.config import load_params, atomic_path
+rd = Path(load_params(params_file, run_dir=run_dir, **overrides).run_dir)
+child = subprocess.Popen(['sleep', '300'])                   # something the stage started
+with atomic_path(rd/'data'/'x.png') as tmp:                  # a PNG half-written when the runner is stopped
+    Path(tmp).write_bytes(b'half an image')
+    (rd/'pids').write_text(f'{os.getpid()} {child.pid}')
+    time.sleep(300)"""
+
+def test_stopped_runner_ends_its_kernel_and_leaves_no_temporaries(tmp_path):
+    "SIGTERM to `medsynth run` during a stage: the stage kernel and what it started end with it; no `*.tmp-*` is left."
+    from medsynth.pipeline import new_stage_notebook
+    from medsynth.config import pid_alive
+    import signal
+    nbs, rd = tmp_path/'nbs', tmp_path/'run'; nbs.mkdir()
+    new_stage_notebook(_SLOW_STAGE, path=nbs/'01_data.ipynb')
+    p = subprocess.Popen(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(nbs), '--only', 'data'],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (rd/'pids').exists():
+        assert p.poll() is None and time.time() - t < 120, p.communicate()
+        time.sleep(0.1)
+    kernel, child = map(int, (rd/'pids').read_text().split())
+    assert list(rd.rglob('.x.png.tmp-*'))
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and 'stopped (SIGTERM)' in err, out + err
+    t = time.time()
+    while any(pid_alive(x) for x in (kernel, child)) and time.time() - t < 5: time.sleep(0.1)
+    assert not pid_alive(kernel) and not pid_alive(child), "the stage kernel (or its child) outlived the runner"
+    assert not list(rd.rglob('*.tmp-*')) and not (rd/'.medsynth.lock').exists()
