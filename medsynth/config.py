@@ -11,13 +11,13 @@ from typing import Any
 import yaml
 
 # %% auto #0
-__all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'in_colab', 'outputs_root', 'resolve_run_dir', 'mount_drive',
-           'ParamsError', 'did_you_mean', 'coerce', 'Params', 'check_base_model', 'check_values', 'load_params',
-           'resolve_device', 'resolve_precision', 'torch_dtype', 'mixed_precision', 'atomic_path', 'write_text',
-           'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries',
-           'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError', 'check_safetensors',
-           'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest',
-           'path_identity', 'params_hash', 'schema_table']
+__all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'params_path', 'in_colab', 'outputs_root', 'resolve_run_dir',
+           'mount_drive', 'ParamsError', 'did_you_mean', 'coerce', 'Params', 'check_base_model', 'check_values',
+           'resolve_value', 'load_params', 'resolve_device', 'resolve_precision', 'torch_dtype', 'mixed_precision',
+           'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive',
+           'remove_stale_temporaries', 'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError',
+           'check_safetensors', 'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params',
+           'fingerprint', 'file_digest', 'path_identity', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ _declare(
     Param('val_fraction', 'float', 0.1, "fraction of each class held out for validation (sources without splits)", stage='data', min=0, max=0.5),
     Param('test_fraction', 'float', 0.2, "fraction of each class held out for testing (sources without splits)", stage='data', min=0.01, max=0.5),
     Param('max_per_class', 'int', None, "cap on images per class and split (quick runs); null takes all", stage='data', optional=True, min=1),
-    Param('on_bad_image', 'str', 'error', "an unreadable image or one of unexpected size/mode: stop, or skip it and list it", stage='data',
+    Param('on_bad_image', 'str', 'error', "an unreadable image, one of unexpected size/mode, or a file that leads outside data_root: stop, or skip it and list it", stage='data',
           choices=('error','skip')),
 )
 
@@ -187,11 +187,18 @@ def repo_root() -> Path|None:
         if (d/'settings.ini').exists() and (d/'nbs').is_dir() and (d/'medsynth').is_dir(): return d
     return None
 
-def resolve_path(p:str|Path) -> Path:
-    "An absolute path: `~` expanded, relative paths taken from the repository root (else the current directory)."
+def resolve_path(p:str|Path,                # a path as written: absolute, relative, with `~` or `$VAR`
+                 base:str|Path|None=None    # the folder a relative `p` is taken from; None: the repository root, else the current directory
+                ) -> Path:
+    "An absolute path: `~` and `$VAR` expanded, a relative path taken from `base`."
     p = Path(os.path.expandvars(str(p))).expanduser()
     if p.is_absolute(): return p
-    return ((repo_root() or Path.cwd()) / p).resolve()
+    return (Path(base if base is not None else (repo_root() or Path.cwd())) / p).resolve()
+
+def params_path(path:str|Path) -> Path:
+    "The params file `path` names, absolute: relative to the current directory, else (not found there) to the checkout."
+    p = Path(os.path.expandvars(str(path))).expanduser()
+    return Path(os.path.abspath(p)) if p.is_absolute() or p.exists() else resolve_path(p)
 
 # %% ../nbs/00_config.ipynb #5218a983
 def in_colab() -> bool:
@@ -318,6 +325,10 @@ def _hub_id(v:str) -> bool:
     parts = v.split('/')
     return len(parts) == 2 and all(p and p[0].isalnum() and all(c.isalnum() or c in '-_.' for c in p) for p in parts)
 
+def _looks_like_path(v:str) -> bool:
+    "Whether `v` can only be a path (absolute, starting with `.`, `~` or `$`, two slashes or a backslash), never a Hub id."
+    return Path(v).is_absolute() or v.startswith(('.', '~', '$')) or v.count('/') > 1 or '\\' in v
+
 def check_base_model(v:str) -> str:
     "`v` when it is 'tiny', a local diffusers folder (with model_index.json) or reads as a Hugging Face id `org/name`; else a `ParamsError` that says what to write."
     if v == 'tiny': return v
@@ -327,20 +338,24 @@ def check_base_model(v:str) -> str:
             if (q/'model_index.json').is_file(): return v
             raise ParamsError(f"`base_model`: {q} is a folder but not a diffusers pipeline (no model_index.json); "
                               "give a folder written by save_pretrained (e.g. a run's generator/pipeline), a Hugging Face id or 'tiny'")
-    if p.is_absolute() or v.startswith(('.', '~', '$')) or v.count('/') > 1 or '\\' in v:
+    if _looks_like_path(v):
         raise ParamsError(f"`base_model`: no such folder {p}; give a local diffusers pipeline folder, a Hugging Face id or 'tiny'")
     if _hub_id(v): return v
     raise ParamsError(f"`base_model`: {v!r} is neither 'tiny', a local diffusers folder nor a Hugging Face id like "
                       f"'stable-diffusion-v1-5/stable-diffusion-v1-5'{did_you_mean(v, ['tiny'])}")
 
 def check_values(vals:dict) -> dict:
-    "`vals` once the checks that need more than a type pass: sides that must be multiples of 8, `base_model`."
+    "`vals` once the checks that need more than a type pass: sides that must be multiples of 8, `base_model`, `classifier_weights`."
     for k, null in (('resolution', "the images' side rounded up"), ('generate_size', "the generator's own side")):
         v = vals.get(k)
         if v is not None and v % 8:
             raise ParamsError(f"`{k}`: {v} is not a multiple of 8, which Stable Diffusion pipelines need; "
                               f"use {-(-v // 8) * 8} (or null: {null})")
     if 'base_model' in vals: check_base_model(vals['base_model'])
+    w = vals.get('classifier_weights')
+    if w not in (None, 'none', 'imagenet') and not Path(w).is_file():
+        raise ParamsError(f"`classifier_weights`: no such file {w}; give a ResNet-18 weights file (.pth or .safetensors), "
+                          f"'imagenet' or 'none'{did_you_mean(Path(w).name, ['imagenet', 'none'])}")
     return vals
 
 # %% ../nbs/00_config.ipynb #31ba9e9d
@@ -348,31 +363,42 @@ def _check_known(d:dict, where:str):
     for k in d:
         if k not in SCHEMA: raise ParamsError(f"{where}: unknown key `{k}`{did_you_mean(k, SCHEMA, key=True)}")
 
+_PATH_WORDS = {'base_model': ('tiny',), 'classifier_weights': ('none', 'imagenet')}  # str keys that may name a local folder or file
+
+def resolve_value(name:str,                 # a key of the schema
+                  v,                        # its value, typed
+                  base:str|Path|None=None   # the folder a relative path is taken from (see `resolve_path`)
+                 ):
+    "`v` with a relative file or folder made absolute from `base`: a `path` key, or `base_model` / `classifier_weights` naming one."
+    if not isinstance(v, str) or not v: return v
+    if SCHEMA[name].kind == 'path': return str(resolve_path(v, base))
+    if name not in _PATH_WORDS or v in _PATH_WORDS[name]: return v
+    q = resolve_path(v, base)   # base_model: a folder that exists, or a value that can only be a path (else a Hub id, or a typo)
+    return str(q) if name == 'classifier_weights' or q.exists() or _looks_like_path(v) else v
+
 def load_params(path:str|Path|None=None,  # a YAML params file; None takes the defaults (the CPU demo)
                 **overrides) -> Params:    # values that replace the file's (`None` overrides are ignored)
-    "Read, validate and resolve a params file: every key typed, paths absolute, the run directory set."
-    raw = {}
+    """Read, validate and resolve a params file: every key typed, the run directory set, paths absolute: relative ones
+    from the params file's folder (written in it), the current directory (`overrides`) or the checkout (defaults)."""
+    raw, base = {}, {}
     if path is not None:
-        path = Path(path).expanduser() if Path(path).expanduser().exists() else resolve_path(path)
+        path = params_path(path)
         raw = _read_yaml(path)
         _check_known(raw, str(path))
+        base = dict.fromkeys(raw, path.parent)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_known(overrides, "override")
-    raw.update(overrides)
+    raw.update(overrides); base.update(dict.fromkeys(overrides, Path.cwd()))
     vals = {}
     for name, p in SCHEMA.items():
-        try: vals[name] = coerce(p, raw.get(name, p.default))
+        try: vals[name] = resolve_value(name, coerce(p, raw.get(name, p.default)), base.get(name))
         except ParamsError as e:
             raise ParamsError(f"{path}: {e}" if path is not None and name not in overrides else str(e)) from None
-    for name, p in SCHEMA.items():
-        if p.kind == 'path' and vals[name] is not None: vals[name] = str(resolve_path(vals[name]))
     vals['run_dir'] = str(resolve_run_dir(vals['run_name'], vals['run_dir'], use_drive=vals['use_drive'], drive_dir=vals['drive_dir']))
     try: check_values(vals)
     except ParamsError as e:   # the file's name goes first when the value came from it
         raise ParamsError(f"{path}: {e}" if path is not None and str(e).split('`')[1] not in overrides else str(e)) from None
     return Params(vals)
-
-
 
 # %% ../nbs/00_config.ipynb #311fdd06
 def resolve_device(name:str|None='auto'):
@@ -655,7 +681,11 @@ def params_hash(P:Params, stage:str) -> str:
     stages compare. Files and folders count by content (`path_identity`); where outputs and caches go does not."""
     upto = STAGES[:STAGES.index(stage)+1]
     vals = {k: v for k, v in P.items() if SCHEMA[k].stage in upto and k not in _NOT_RESULTS}
-    return fingerprint({k: path_identity(v) if SCHEMA[k].kind == 'path' or k == 'base_model' else v for k, v in vals.items()})
+    return fingerprint({k: path_identity(v) if _names_file(k, v) else v for k, v in vals.items()})
+
+def _names_file(k:str, v) -> bool:
+    "Whether the value `v` of key `k` is a resolved (absolute) file or folder path, which counts by content."
+    return (SCHEMA[k].kind == 'path' or k in _PATH_WORDS) and isinstance(v, str) and os.path.isabs(v)
 
 # %% ../nbs/00_config.ipynb #6f563dac
 def schema_table(stage:str|None=None) -> str:

@@ -12,15 +12,15 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 from .config import (Params, in_colab, atomic_path, write_json, read_json, write_jsonl, read_jsonl,
-                             remove_stale_temporaries, did_you_mean, file_digest, path_identity)
+                             remove_stale_temporaries, did_you_mean, file_digest, path_identity, log_line)
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
            'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'NpzImages',
-           'read_medmnist_npz', 'download_medmnist', 'list_imagefolder', 'list_csv', 'phantom_source', 'load_source',
-           'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image', 'common_size',
-           'read_images', 'plot_class_balance', 'plot_samples', 'build_dataset', 'load_classes', 'memory_shortfall',
-           'ImageFiles', 'load_split', 'data_complete', 'run_data']
+           'read_medmnist_npz', 'download_medmnist', 'check_inside', 'list_imagefolder', 'list_csv', 'phantom_source',
+           'load_source', 'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image',
+           'common_size', 'read_images', 'plot_class_balance', 'plot_samples', 'build_dataset', 'load_classes',
+           'memory_shortfall', 'ImageFiles', 'load_split', 'data_complete', 'run_data', 'report_left_out']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -256,6 +256,7 @@ class Source:
     splits:np.ndarray|None=None    # per image 'train'/'val'/'test' when the source has splits, else None
     numbers:np.ndarray|None=None   # per image, the number of its PNG (default: its position in the source)
     ignored:list[str]=field(default_factory=list)  # files found that are not images (listed, not read)
+    skipped:list[dict]=field(default_factory=list) # files left out by `check_inside` with on_bad_image: skip (listed, not read)
     description:str=''             # one line: what this source is
     def __len__(self): return len(self.labels)
 
@@ -381,15 +382,47 @@ def download_medmnist(flag:str, *, size:int=28, root:str|Path|None=None) -> Path
     if not f.is_file(): raise DataError(f"the medmnist package downloaded {flag!r} but {f} is missing; {hint}")
     return f
 
+# %% ../nbs/01_data.ipynb #9ac6392d
+def check_inside(path:str|Path,            # a file or folder of the source, as found (may be a symlink, or hold `..`)
+                 root:str|Path,            # `data_root`
+                 *, what:str,              # how a message names it, e.g. "list.csv:3: path '../x.png'"
+                 on_outside:str='error',   # 'error': raise a `DataError`; 'skip': return None and add a row to `skipped`
+                 skipped:list|None=None,   # where a left-out path is listed (on_outside='skip')
+                 **row                     # more of its row in `skipped` (its class, split)
+                ) -> Path|None:
+    "`path` resolved when it stays inside `root`; else an error that says where it leads, or (skip) None and a row in `skipped`."
+    real = Path(path).resolve()
+    if real.is_relative_to(Path(root).resolve()): return real
+    msg = f"{what} leads outside data_root {root} (to {real})"
+    if on_outside != 'skip':
+        raise DataError(f"{msg}; the images must be inside data_root: move or copy them in, or set "
+                        f"`on_bad_image: skip` to skip such files (they are listed in data/summary.json)")
+    skipped.append({'file': str(path), **row, 'reason': msg})
+    return None
+
 # %% ../nbs/01_data.ipynb #67090a4d
-def _files_under(folder:Path) -> list[Path]:
-    "Every non-hidden file under `folder`, sorted."
-    return sorted(f for f in folder.rglob('*') if f.is_file() and not any(p.startswith('.') for p in f.relative_to(folder).parts))
+def _files_under(folder:Path, root:Path, **inside) -> tuple[list[Path], list[str]]:
+    """Every non-hidden file under `folder`, sorted, symlinked files and folders followed where `check_inside` lets them
+    (`inside`: its `on_outside`, `skipped` and row); and what to list as ignored: loops and broken links."""
+    files, notes = [], []
+    def walk(d:Path, above:set):
+        for e in sorted(d.iterdir()):
+            if e.name.startswith('.'): continue
+            if e.is_symlink() and check_inside(e, root, what=f"{e} (a symlink)", **inside) is None: continue
+            if e.is_dir():
+                real = e.resolve()
+                if real in above: notes.append(f"{e} (a symlink back to {real}, a folder above it: not followed again)")
+                else: walk(e, above | {real})
+            elif e.is_file(): files.append(e)
+            else: notes.append(f"{e} (a broken symlink)")
+    if check_inside(folder, root, what=f"{folder} (a symlinked folder)", **inside) is not None: walk(folder, {folder.resolve()})
+    return sorted(files), notes
 
 def _subfolders(folder:Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
 
-def list_imagefolder(root:str|Path # `data_root`: one folder per class (or train/val/test folders of class folders)
+def list_imagefolder(root:str|Path,            # `data_root`: one folder per class (or train/val/test folders of class folders)
+                     *, on_outside:str='error' # a file or folder that leads outside `root`: 'error' or 'skip' (see `check_inside`)
                     ) -> Source:
     "The images under `root/<class name>/` (or `root/<split>/<class name>/`) as a `Source`."
     root = Path(root)
@@ -401,20 +434,21 @@ def list_imagefolder(root:str|Path # `data_root`: one folder per class (or train
     if not classes: raise DataError(f"data_root {root}: no class folders; expected {root}/<class name>/<images>")
     check_class_names(classes, f"data_root {root}")
     ignored = [str(f) for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith('.')]
-    items, labels, splits = [], [], []
+    items, labels, splits, skipped = [], [], [], []
     for split, sd in split_dirs:
         for d in _subfolders(sd):
             if d.name not in classes:
                 raise DataError(f"data_root {root}: {sd.name}/{d.name} is not a class of the train split ({', '.join(classes)})")
-            files = _files_under(d)
+            n_skipped = len(skipped)
+            files, notes = _files_under(d, root, on_outside=on_outside, skipped=skipped, split=split, **{'class': d.name})
             imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
-            ignored += [str(f) for f in files if f.suffix.lower() not in IMAGE_EXTS]
-            if not imgs:
+            ignored += [str(f) for f in files if f.suffix.lower() not in IMAGE_EXTS] + notes
+            if not imgs and len(skipped) == n_skipped:
                 raise DataError(f"data_root {root}: class folder {d.relative_to(root)} holds no images ({' '.join(IMAGE_EXTS)}): "
                                 f"an empty class; add its images or remove the folder")
             items += imgs; labels += [classes.index(d.name)] * len(imgs); splits += [split] * len(imgs)
     return Source(classes, np.array(labels, np.int64), items, [str(f) for f in items],
-                  np.array(splits, dtype=object) if presplit else None, ignored=ignored,
+                  np.array(splits, dtype=object) if presplit else None, ignored=ignored, skipped=skipped,
                   description=f"image folder {root}" + (" (with its own splits)" if presplit else ""))
 
 # %% ../nbs/01_data.ipynb #8ab0ed8c
@@ -423,7 +457,8 @@ def _natural(s:str): return (0, int(s), '') if s.isdigit() else (1, 0, s)
 def list_csv(csv_file:str|Path,                   # the CSV file
              data_root:str|Path|None=None,        # the folder its paths are relative to (default: the CSV's folder)
              *, path_column:str='path',           # the column with image paths
-             label_column:str='label'             # the column with class names
+             label_column:str='label',            # the column with class names
+             on_outside:str='error'               # a path that leads outside `data_root`: 'error' or 'skip' (see `check_inside`)
             ) -> Source:
     "The images listed in a CSV file as a `Source`."
     csv_file = Path(csv_file)
@@ -438,19 +473,19 @@ def list_csv(csv_file:str|Path,                   # the CSV file
                 raise DataError(f"{csv_file}: no column {col!r} (`{key}`){did_you_mean(col, cols)}; its columns: {', '.join(cols)}")
         rows = list(rd)
     if not rows: raise DataError(f"{csv_file}: no rows")
-    rroot, paths, names = root.resolve(), [], []
+    paths, names, refs, skipped = [], [], [], []
     for no, row in enumerate(rows, 2):
         p, lab = (row.get(path_column) or '').strip(), (row.get(label_column) or '').strip()
         if not p: raise DataError(f"{csv_file}:{no}: empty {path_column!r}")
         if not lab: raise DataError(f"{csv_file}:{no}: empty {label_column!r} for {p}")
-        full = (root/p).resolve()
-        if not full.is_relative_to(rroot):
-            raise DataError(f"{csv_file}:{no}: path {p!r} leads outside data_root {root}; paths must stay inside it")
-        paths.append(full); names.append(lab)
-    classes = sorted(set(names), key=_natural)
+        full = check_inside(root/p, root, what=f"{csv_file}:{no}: path {p!r}", on_outside=on_outside, skipped=skipped,
+                            split=None, **{'class': lab})
+        if full is None: continue
+        paths.append(full); names.append(lab); refs.append(f"{csv_file.name}:{no} {full}")
+    classes = sorted(set(names) | {r['class'] for r in skipped}, key=_natural)
     check_class_names(classes, f"{csv_file} column {label_column!r}")
-    return Source(classes, np.array([classes.index(n) for n in names], np.int64), paths,
-                  [f"{csv_file.name}:{no} {p}" for no, p in enumerate(paths, 2)], description=f"CSV {csv_file} (images in {root})")
+    return Source(classes, np.array([classes.index(n) for n in names], np.int64), paths, refs, skipped=skipped,
+                  description=f"CSV {csv_file} (images in {root})")
 
 # %% ../nbs/01_data.ipynb #50d71367
 def _medmnist_root(P:Params) -> Path:
@@ -471,10 +506,11 @@ def load_source(P:Params) -> Source:
         return read_medmnist_npz(npz, flag=P.medmnist_flag)
     if P.source == 'imagefolder':
         if not P.data_root: raise DataError("source: imagefolder needs `data_root`, the folder with one subfolder per class")
-        return list_imagefolder(P.data_root)
+        return list_imagefolder(P.data_root, on_outside=P.on_bad_image)
     if P.source == 'csv':
         if not P.csv_file: raise DataError("source: csv needs `csv_file` (and `data_root`, the folder its paths are relative to)")
-        return list_csv(P.csv_file, P.data_root, path_column=P.csv_path_column, label_column=P.csv_label_column)
+        return list_csv(P.csv_file, P.data_root, path_column=P.csv_path_column, label_column=P.csv_label_column,
+                        on_outside=P.on_bad_image)
     raise DataError(f"`source`: unknown source {P.source!r}")
 
 def source_stamp(P:Params) -> dict:
@@ -663,7 +699,7 @@ def _check_classes_present(classes, labels, splits, *, skipped:int=0):
         have = set(np.unique(labels[sel]).tolist())
         gone = [c for i, c in enumerate(classes) if i not in have]
         if gone:
-            why = f" ({skipped} bad image(s) were skipped; see the messages above)" if skipped else ""
+            why = f" ({skipped} file(s) were skipped; see the messages above)" if skipped else ""
             raise DataError(f"class {gone[0]!r} has no images in the {s} split{why}: an empty class; "
                             f"add images of it, or remove the class from the source and prompts file")
 
@@ -685,7 +721,7 @@ def build_dataset(P:Params,                # resolved parameters (the `data` key
     width = max(6, len(str(int(numbers.max())))) if len(numbers) else 6
     for s in SPLITS:
         for c in src.classes: (dest/s/c).mkdir(parents=True, exist_ok=True)
-    rows, skipped, written = {s: [] for s in SPLITS}, [], np.zeros(len(src), bool)
+    rows, skipped, written = {s: [] for s in SPLITS}, list(src.skipped), np.zeros(len(src), bool)
     for i in tqdm(order, desc="data: writing PNGs", unit='img', mininterval=1.0):
         s, name = splits[i], src.classes[src.labels[i]]
         try: arr = read_image(src.items[i], size=P.image_size, expected=expected)
@@ -800,15 +836,26 @@ def run_data(P:Params,           # resolved parameters
     if not force and data_complete(data, stamp):
         summary = read_json(data/'summary.json')
         print(f"data: {data} is complete for these parameters; kept as it is ({summary['totals']})")
+        report_left_out(summary, data/'summary.json')
         return summary
     with atomic_path(data) as tmp: summary = build_dataset(P, tmp, stamp=stamp)
     print(f"data: {summary['source']} -> {data}: " + ', '.join(f"{s} {n}" for s, n in summary['totals'].items())
           + f" images of {summary['image_size'][1]}x{summary['image_size'][0]} px, {len(summary['classes'])} classes "
           f"({summary['seconds']} s)")
-    if summary['skipped']:
-        print(f"data: skipped {len(summary['skipped'])} bad image(s) (on_bad_image: skip), listed in {data/'summary.json'}:")
-        for r in summary['skipped'][:10]: print(f"  {r['file']}: {r['reason']}")
-        if len(summary['skipped']) > 10: print(f"  ... and {len(summary['skipped']) - 10} more")
+    report_left_out(summary, data/'summary.json')
     return summary
+
+def report_left_out(summary:dict,         # a dataset's summary
+                    where:str|Path,       # the file that lists them (data/summary.json)
+                    *, shown:int=10       # skipped files named one by one, at most
+                   ) -> list[str]:        # the lines said
+    "Say how many files were skipped and ignored and where they are listed: in the notebook, and in the stage log (the runner's terminal)."
+    sk, ig, lines = summary.get('skipped', []), summary.get('ignored', []), []
+    if sk:
+        lines.append(f"data: skipped {len(sk)} file(s) (on_bad_image: skip); the list, with the reasons: {where} (`skipped`)")
+        lines += [f"  {r['file']}: {r['reason']}" for r in sk[:shown]] + ([f"  ... and {len(sk) - shown} more"] if len(sk) > shown else [])
+    if ig: lines.append(f"data: ignored {len(ig)} file(s) that are not images (or links not followed); the list: {where} (`ignored`)")
+    for l in lines: print(l); log_line(l)
+    return lines
 
 

@@ -4,21 +4,22 @@
 
 # %% ../nbs/08_pipeline.ipynb #feff975d
 from __future__ import annotations
-import os, sys, re, json, time, uuid, shutil, socket, argparse, tempfile, importlib, threading, subprocess, collections
+import os, sys, re, json, time, uuid, shutil, signal, socket, argparse, tempfile, importlib, threading, subprocess, collections, contextlib
 from datetime import datetime, timezone
 from pathlib import Path
 import yaml
-from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, resolve_path,
+from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, params_path,
                              in_colab, mount_drive, save_params, write_json, read_json, resolve_device, resolve_precision,
-                             mixed_precision, pid_alive, stage_log_path, stage_logging)
+                             mixed_precision, pid_alive, stage_log_path, stage_logging, remove_stale_temporaries)
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError',
            'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only',
            'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked',
-           'RunLock', 'PeakRSS', 'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main',
-           'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'main']
+           'RunLock', 'PeakRSS', 'end_process_group', 'Stopped', 'stop_on_signals', 'run_config', 'stage_function',
+           'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage', 'notebook_rel',
+           'FollowLog', 'run', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #cf7db02d
 from .config import file_digest
@@ -372,6 +373,52 @@ class PeakRSS:
     @property
     def peak(self) -> int: return max(self.tree, self.largest)
 
+# %% ../nbs/08_pipeline.ipynb #0942f5e8
+def _group_running(pgid:int) -> bool:
+    "Whether a process of the group `pgid` is still running (zombies, ended but not yet reaped, do not count)."
+    import psutil
+    for p in psutil.process_iter(['status']):
+        try:
+            if p.info['status'] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid: return True
+        except (OSError, psutil.Error): pass
+    return False
+
+def end_process_group(proc:subprocess.Popen,  # a process started in a session of its own (`start_new_session=True`)
+                      pgid:int|None=None,      # its process group (default: its pid)
+                      *, grace:float=3.0       # seconds between SIGTERM and SIGKILL
+                     ) -> bool:                # whether anything of the group was still running
+    "End `proc` and every process of its group: SIGTERM, then SIGKILL for what is left after `grace` seconds."
+    pgid = proc.pid if pgid is None else pgid
+    proc.poll()                                # reaps it if it has ended
+    if not _group_running(pgid): return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(pgid, sig)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and (proc.poll() is None or _group_running(pgid)): time.sleep(0.05)
+    return True
+
+@contextlib.contextmanager
+def _signals_deferred():
+    "While inside (in the main thread), SIGINT, SIGTERM and SIGHUP are noted and dropped: a cleanup is not cut short."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    old = {s: signal.signal(s, lambda n, f: None) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+class Stopped(KeyboardInterrupt):
+    "The runner was told to stop by a signal other than Ctrl+C's SIGINT (`stop_on_signals`)."
+    def __init__(self, signum:int): super().__init__(signal.Signals(signum).name); self.signum = signum
+
+@contextlib.contextmanager
+def stop_on_signals(*signums:int):
+    "While inside, `signums` (default: SIGTERM, SIGHUP) raise `Stopped`, a `KeyboardInterrupt`, as Ctrl+C does: `finally` blocks run."
+    def stop(signum, frame): raise Stopped(signum)
+    old = {s: signal.signal(s, stop) for s in (signums or (signal.SIGTERM, signal.SIGHUP))}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
 # %% ../nbs/08_pipeline.ipynb #5cc1fa10
 STAGE_FUNCTIONS = {'config': 'medsynth.pipeline:run_config', 'data': 'medsynth.data:run_data',
                    'classify': 'medsynth.classify:run_classify', 'finetune': 'medsynth.finetune:run_finetune',
@@ -409,9 +456,13 @@ def _run_logged(cmd:list[str], logf:Path, *, env:dict, cwd) -> tuple[int, list[s
     "Run `cmd` with its output (stdout and stderr) streamed into the file `logf`; its exit code and last 30 lines."
     tail = collections.deque(maxlen=30)
     with open(logf, 'w') as f:
-        pr = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
-        for line in pr.stdout: f.write(line); f.flush(); tail.append(line.rstrip())
-        rc = pr.wait()
+        pr = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                              start_new_session=True)   # its ranks end with the runner (`end_process_group`), not before
+        try:
+            for line in pr.stdout: f.write(line); f.flush(); tail.append(line.rstrip())
+            rc = pr.wait()
+        finally:
+            with _signals_deferred(): end_process_group(pr)
     return rc, list(tail)
 
 def _launch_error(log_text:str, rc:int, tail:list[str]) -> str:
@@ -485,8 +536,9 @@ def _from_papermill(stage, e, out_nb, src_nb) -> StageFailed:
 _KERNEL_CHATTER = re.compile(r'^(\[IPKernelApp\] ERROR \| KeyboardInterrupt caught in kernel\.'
                              r'|Assertion failed: pfd\.revents & POLLIN \(src/signaler\.cpp:\d+\))\s*$', re.M)
 
-def _kernel_manager(folder, log_path, opened:list):
-    "A kernel manager class: kernels talk over local sockets in `folder` (not TCP ports), their own stderr goes to `log_path`."
+def _kernel_manager(folder, log_path, opened:list, kernels:list):
+    """A kernel manager class: kernels talk over local sockets in `folder` (not TCP ports), their own stderr goes to
+    `log_path`; each kernel's process and process group is added to `kernels`."""
     from jupyter_client.manager import AsyncKernelManager
     class StageKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
@@ -496,7 +548,9 @@ def _kernel_manager(folder, log_path, opened:list):
             # what cells print is in the notebook; this is the process's own (C libraries, kernel shutdown chatter)
             opened.append(open(log_path, 'ab'))
             kw.setdefault('stderr', opened[-1])
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            out = await super()._async_launch_kernel(kernel_cmd, **kw)
+            kernels.append((self.provisioner.process, getattr(self.provisioner, 'pgid', None)))
+            return out
     return StageKernelManager
 
 def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, overrides:dict, force:bool=False,
@@ -506,13 +560,13 @@ def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, over
     nb = nbformat.read(str(src), as_version=4)
     nb.cells = runner_cells(nb.cells)
     out.parent.mkdir(parents=True, exist_ok=True)
-    td, klog, opened, interrupted = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], False
+    td, klog, opened, kernels = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], []
     try: pm.execute_notebook(nb, str(out), parameters=dict(params_file=params_file, run_dir=run_dir, overrides=overrides, force=force),
                              kernel_name=kernel_name, language='python', cwd=str(src.parent), progress_bar=progress, log_output=False,
-                             kernel_manager_class=_kernel_manager(td, klog, opened))
-    except KeyboardInterrupt: interrupted = True; raise  # the kernel may still be shutting down: leave its sockets be
-    finally:
-        if not interrupted:
+                             kernel_manager_class=_kernel_manager(td, klog, opened, kernels))
+    finally:   # an interrupted run (Ctrl+C, SIGTERM) ends its kernel, and what the kernel started, and removes what they were writing
+        with _signals_deferred():
+            if any([end_process_group(*k) for k in kernels]): remove_stale_temporaries(run_dir, recursive=True)
             for f in opened: f.close()
             if klog.exists() and not _KERNEL_CHATTER.sub('', klog.read_text(errors='replace')).strip(): klog.unlink()
             shutil.rmtree(td, ignore_errors=True)
@@ -562,11 +616,9 @@ def notebook_rel(p:Path, root:Path) -> str:
 def _run_params(params_file:str|Path|None, run_dir:str|None, overrides:dict) -> tuple[Params, str|None, dict]:
     "The run's parameters, the params file as an absolute path, and the overrides as the stage kernels get them."
     P = load_params(params_file, run_dir=run_dir, **overrides)
-    if params_file is not None:
-        pf = Path(params_file).expanduser()
-        params_file = str(pf.resolve() if pf.exists() else resolve_path(pf))
-    # give the kernel the resolved (absolute) value of every path override: they do not depend on its directory
-    return P, params_file, {k: (P[k] if SCHEMA[k].kind == 'path' else v) for k, v in overrides.items()}
+    if params_file is not None: params_file = str(params_path(params_file))
+    # the kernels get the resolved values (paths absolute): a kernel runs in another directory than the one given here
+    return P, params_file, {k: P[k] for k in overrides if overrides[k] is not None}
 
 def _checked_notebooks(nbs_dir:str|Path|None, notebooks:dict, selected:list[str]) -> Path:
     "The folder of stage notebooks, once every selected stage's notebook is there, with a proper `parameters` cell."
@@ -660,6 +712,7 @@ def run(params_file:str|Path|None=None,  # a YAML params file; None runs the CPU
     try:
         _prepare_drive(P)
         if not dry_run: save_params(P)  # the record of the latest run, even when the config stage is skipped
+        if not dry_run and (n := remove_stale_temporaries(rd, recursive=True)): log(f"      removed {n} temporaries of an interrupted run")
         for n, stage in enumerate(selected):
             i = stages.index(stage)
             prev = stages[i-1] if i else None
@@ -708,7 +761,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/08_pipeline.ipynb #eb920aca
 def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `medsynth` console command (exit codes: 1 a stage failed, 2 bad input, 3 run dir busy)."
+    "Entry point of the `medsynth` console command (exit codes: 1 a stage failed, 2 bad input, 3 run dir busy, 128 + n stopped by signal n)."
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['stage']: return stage_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -717,8 +770,9 @@ def main(argv:list[str]|None=None) -> int:
             print(check(args.params, parse_sets(args.set)), end='')
             print(f"# {args.params}: OK ({len(SCHEMA)} keys)", file=sys.stderr)
         elif args.cmd == 'run':
-            run(args.params, run_dir=args.run_dir and str(Path(args.run_dir).expanduser().resolve()), only=args.only, from_=args.from_, force=args.force,
-                overrides=parse_sets(args.set), nbs_dir=args.nbs, dry_run=args.dry_run, log=lambda m: print(m, flush=True))
+            with stop_on_signals():   # SIGTERM, SIGHUP: stop as after Ctrl+C (the stage kernel ended, the lock released)
+                run(args.params, run_dir=args.run_dir and str(Path(args.run_dir).expanduser().resolve()), only=args.only, from_=args.from_,
+                    force=args.force, overrides=parse_sets(args.set), nbs_dir=args.nbs, dry_run=args.dry_run, log=lambda m: print(m, flush=True))
     except ParamsError as e:
         print(f"medsynth {args.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -733,9 +787,10 @@ def main(argv:list[str]|None=None) -> int:
         print(f"  earlier stages' outputs are intact; fix the cause and run the same command again to resume "
               f"from `{e.stage}`", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"medsynth {args.cmd}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = f"stopped ({e})" if isinstance(e, Stopped) else "interrupted"
+        print(f"medsynth {args.cmd}: {how}; the stage's kernel is ended; run the same command again to resume", file=sys.stderr)
+        return 128 + getattr(e, 'signum', signal.SIGINT)
     return 0
 
 # %% ../nbs/08_pipeline.ipynb #08b26d7e

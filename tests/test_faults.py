@@ -1,5 +1,7 @@
 """Fault injection (issue 19): bad values refused before anything is touched, finished work that a failing run was
-replacing put back, damaged weights named and recovered from, one writer per run directory.
+replacing put back, damaged weights named and recovered from, one writer per run directory, a stopped runner that
+leaves no kernel or temporary behind, inputs (symlinks out of data_root, skipped files reported, relative paths from
+the params file's folder or the current directory).
 
 Faults that already hold are tested where their stage is, and stay there:
 - kill -9 during fine-tuning resumes from the checkpoint: tests/test_finetune.py::test_resume_after_kill_9
@@ -10,12 +12,15 @@ Faults that already hold are tested where their stage is, and stay there:
 - a run directory in use, a stale lock: tests/test_pipeline.py::test_lock_busy_and_stale
 - bad images, bad CSVs: tests/test_data.py
 """
-import json, os, socket, subprocess, sys, time
+import json, os, shutil, socket, subprocess, sys, time
 from pathlib import Path
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 from conftest import ROOT
 from test_finetune import tiny_params
-from medsynth.config import read_json, aside_path, ArtefactError
+from medsynth.config import read_json, aside_path, ArtefactError, load_params, params_hash
 
 ENV = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
 
@@ -161,3 +166,96 @@ def test_stale_lock_two_runs_one_refused_every_time(tmp_path):
         outs = sorted(p.communicate(timeout=60)[0].strip() for p in ps)
         assert outs == ['got', 'refused'], (i, outs)
         assert not (rd/'.medsynth.lock').exists()
+
+# --- a runner told to stop -----------------------------------------------------------------------------------------
+
+_SLOW_STAGE = """import os, subprocess, time
+from pathlib import Path
+from medsynth.config import load_params, atomic_path
+rd = Path(load_params(params_file, run_dir=run_dir, **overrides).run_dir)
+child = subprocess.Popen(['sleep', '300'])                   # something the stage started
+with atomic_path(rd/'data'/'x.png') as tmp:                  # a PNG half-written when the runner is stopped
+    Path(tmp).write_bytes(b'half an image')
+    (rd/'pids').write_text(f'{os.getpid()} {child.pid}')
+    time.sleep(300)"""
+
+def test_stopped_runner_ends_its_kernel_and_leaves_no_temporaries(tmp_path):
+    "SIGTERM to `medsynth run` during a stage: the stage kernel and what it started end with it; no `*.tmp-*` is left."
+    from medsynth.pipeline import new_stage_notebook
+    from medsynth.config import pid_alive
+    import signal
+    nbs, rd = tmp_path/'nbs', tmp_path/'run'; nbs.mkdir()
+    new_stage_notebook(_SLOW_STAGE, path=nbs/'01_data.ipynb')
+    p = subprocess.Popen(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(nbs), '--only', 'data'],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (rd/'pids').exists():
+        assert p.poll() is None and time.time() - t < 120, p.communicate()
+        time.sleep(0.1)
+    kernel, child = map(int, (rd/'pids').read_text().split())
+    assert list(rd.rglob('.x.png.tmp-*'))
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and 'stopped (SIGTERM)' in err, out + err
+    t = time.time()
+    while any(pid_alive(x) for x in (kernel, child)) and time.time() - t < 5: time.sleep(0.1)
+    assert not pid_alive(kernel) and not pid_alive(child), "the stage kernel (or its child) outlived the runner"
+    assert not list(rd.rglob('*.tmp-*')) and not (rd/'.medsynth.lock').exists()
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+
+def _images(root, classes=('cat', 'dog'), n=6):
+    for c, name in enumerate(classes):
+        (root/name).mkdir(parents=True, exist_ok=True)
+        for i in range(n): Image.fromarray(np.full((8, 8, 3), 30 * c + i, np.uint8)).save(root/name/f'{i}.png')
+    return root
+
+def test_image_folder_symlinks_follow_the_csv_rule(tmp_path):
+    "A symlink out of data_root is refused (or skipped and listed) as the CSV source refuses such a path; a symlinked folder inside is followed."
+    from medsynth.data import run_data, DataError
+    root = _images(tmp_path/'images'); _images(tmp_path/'outside', ('cat',), 1)
+    (tmp_path/'captions.txt').write_text('cat: a cat\ndog: a dog\n')
+    kw = dict(source='imagefolder', data_root=str(root), prompts_file=str(tmp_path/'captions.txt'))
+    (root/'cat'/'out.png').symlink_to(tmp_path/'outside'/'cat'/'0.png')
+    with pytest.raises(DataError, match=r'cat/out.png \(a symlink\) leads outside data_root .*set `on_bad_image: skip`'):
+        run_data(load_params(run_dir=str(tmp_path/'r1'), **kw))
+    (tmp_path/'list.csv').write_text(f"path,label\ncat/0.png,cat\n{tmp_path/'outside'/'cat'/'0.png'},cat\n")
+    with pytest.raises(DataError, match=r"list.csv:3: path '.*' leads outside data_root .*set `on_bad_image: skip`"):
+        run_data(load_params(run_dir=str(tmp_path/'r2'), **{**kw, 'source': 'csv', 'csv_file': str(tmp_path/'list.csv')}))
+    s = run_data(load_params(run_dir=str(tmp_path/'r3'), on_bad_image='skip', **kw))
+    assert [(Path(r['file']).name, r['class']) for r in s['skipped']] == [('out.png', 'cat')] and sum(s['totals'].values()) == 12
+    (root/'cat'/'out.png').unlink(); (root/'dog'/'more').symlink_to(root/'cat')        # a folder linked inside data_root
+    s = run_data(load_params(run_dir=str(tmp_path/'r4'), **kw))
+    assert sum(s['counts'][sp]['dog'] for sp in s['counts']) == 12 and s['skipped'] == []
+
+def test_run_reports_skipped_files_and_takes_set_paths_from_cwd(tmp_path):
+    "`medsynth run` shows the data stage's count of skipped files and where they are listed; --set paths are taken from its cwd."
+    root = _images(tmp_path/'images'); _images(tmp_path/'outside', ('cat',), 1)
+    (root/'dog'/'bad.png').write_bytes(b'not a png'); (root/'cat'/'out.png').symlink_to(tmp_path/'outside'/'cat'/'0.png')
+    (tmp_path/'captions.txt').write_text('cat: a cat\ndog: a dog\n')
+    r = medsynth('run', 'params/demo-cpu.yaml', '--run-dir', 'run', '--only', 'data', '--set', 'source=imagefolder', 'data_root=images',
+                 'prompts_file=captions.txt', 'on_bad_image=skip', cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = tmp_path/'run'/'data'/'summary.json'
+    assert f"data: skipped 2 file(s) (on_bad_image: skip); the list, with the reasons: {listed} (`skipped`)" in r.stdout, r.stdout
+    assert sorted(Path(x['file']).name for x in read_json(listed)['skipped']) == ['bad.png', 'out.png']
+
+def test_relative_paths_from_the_params_file_or_the_cwd(tmp_path, monkeypatch):
+    "Written in a params file: from its folder; with --set: from where medsynth runs; the same in any cwd (a kernel's); moving them keeps the fingerprint."
+    study, elsewhere = tmp_path.resolve()/'study', tmp_path.resolve()/'elsewhere'
+    _images(study/'images'); elsewhere.mkdir(); (study/'params').mkdir()
+    shutil.copy(ROOT/'prompts.txt', study/'captions.txt')
+    mine = study/'params'/'mine.yaml'
+    mine.write_text("source: imagefolder\ndata_root: ../images\nprompts_file: ../captions.txt\nrun_dir: ../runs/one\n")
+    r = medsynth('check', str(mine), cwd=elsewhere)
+    v = yaml.safe_load(r.stdout)
+    assert r.returncode == 0 and (v['data_root'], v['prompts_file'], v['run_dir']) == \
+        (str(study/'images'), str(study/'captions.txt'), str(study/'runs'/'one')), r.stderr
+    r = medsynth('check', '../study/params/mine.yaml', '--set', 'data_root=imgs', 'prompts_file=/abs/p.txt', cwd=elsewhere)
+    v = yaml.safe_load(r.stdout)
+    assert (v['data_root'], v['prompts_file'], v['run_dir']) == (str(elsewhere/'imgs'), '/abs/p.txt', str(study/'runs'/'one'))
+    monkeypatch.chdir(ROOT/'nbs')                                 # where a papermill kernel runs
+    P = load_params(mine)
+    assert (P.data_root, P.prompts_file) == (str(study/'images'), str(study/'captions.txt'))
+    shutil.copytree(study, tmp_path/'moved')
+    assert params_hash(load_params(tmp_path/'moved'/'params'/'mine.yaml'), 'data') == params_hash(P, 'data')
