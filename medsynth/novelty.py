@@ -17,8 +17,8 @@ from .classify import dihedral
 
 # %% auto #0
 __all__ = ['NOVELTY_FILE', 'TRAIN_FILE', 'Space', 'space_dim', 'n_views', 'gate_input', 'train_embedding', 'query_views',
-           'view_dihedral', 'inverse_dihedral', 'Neighbours', 'nearest', 'copy_score', 'calibrate', 'NoveltyGate',
-           'gate_key', 'embed_files', 'reference_files', 'load_gate']
+           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'calibrate',
+           'NoveltyGate', 'gate_key', 'embed_files', 'reference_files', 'load_gate']
 
 # %% ../nbs/04a_novelty.ipynb #d9f0b90d
 class Space(NamedTuple):
@@ -62,6 +62,13 @@ def view_dihedral(view:int, space:Space=Space()) -> int:
 def inverse_dihedral(k:int) -> int:
     "The symmetry that undoes `dihedral(·, k)`: a turn the other way; a reflection is its own inverse."
     return (4 - k) % 4 if k < 4 else k
+
+def aligned(image:np.ndarray,         # a training image, uint8 H×W×3
+            view:int,                 # the view of the query that matched it (`nn_view`)
+            space:Space=Space()) -> np.ndarray:
+    "The training image flipped/turned as the query that matched it: side by side, the two line up."
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return dihedral(t, inverse_dihedral(view_dihedral(view, space))).permute(1, 2, 0).numpy()
 
 # %% ../nbs/04a_novelty.ipynb #3ac7352f
 class Neighbours(NamedTuple):
@@ -134,11 +141,11 @@ class NoveltyGate:
         return Neighbours(*(np.concatenate(p) for p in zip(*parts)))
 
     def calibrate(self, held_out, *, fpr:float) -> dict:
-        "Set the threshold on real held-out images; returns the calibration with their scores."
-        s = copy_score(self.search(held_out))
-        cal = calibrate(s, fpr)
+        "Set the threshold on real held-out images; returns the calibration with their scores and nearest distances."
+        nb = self.search(held_out)
+        cal = calibrate(s := copy_score(nb), fpr)
         self.threshold = cal['threshold']
-        return {**cal, 'reference_scores': [round(float(v), 6) for v in s]}
+        return {**cal, 'reference_scores': [round(float(v), 6) for v in s], 'reference_distances': [round(float(v), 3) for v in nb.distance[:, 0]]}
 
     def __call__(self, images) -> list[dict]:
         "One verdict per image: `{copy, nn_file, nn_distance, nn_ratio, nn_view}`."
@@ -185,10 +192,11 @@ def load_gate(run_dir:str|Path,        # the run directory, with data/ written b
     cal = read_json(out/NOVELTY_FILE) if (out/NOVELTY_FILE).exists() else {}
     if cal.get('key') == key and (out/TRAIN_FILE).exists():
         return NoveltyGate(np.load(out/TRAIN_FILE, mmap_mode='r'), files, space=space, threshold=cal['threshold'], chunk=chunk, key=key)
+    reference = reference_files(rd, max_reference=max_reference, seed=seed)
     (out/NOVELTY_FILE).unlink(missing_ok=True)   # the embeddings below belong to no calibration until the new one is written
     train = embed_files([rd/'data'/f for f in files], out/TRAIN_FILE, space=space)
     gate = NoveltyGate(train, files, space=space, chunk=chunk, key=key)
-    cal = gate.calibrate(read_images(reference_files(rd, max_reference=max_reference, seed=seed), size=space.size, progress=False), fpr=fpr)
+    cal = gate.calibrate(read_images(reference, size=space.size, progress=False), fpr=fpr)
     write_json(out/NOVELTY_FILE, dict(key=key, space=space._asdict(), score=f"nearest / {space.k}-th nearest training image distance",
                                       n_train=len(files), **cal))
     msg = (f"novelty gate calibrated on {cal['n_reference']} real held-out images: a copy scores below {cal['threshold']:.4f} "

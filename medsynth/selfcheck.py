@@ -210,7 +210,7 @@ def plot_acceptance(summary:dict):
     a2.set_xlim(0, 1.3 * max([summary['target_per_class'], *acc]))
     a2.set_yticks(range(len(classes)), []); a2.invert_yaxis(); a2.set_xlabel('accepted images'); a2.legend(loc='lower right', fontsize=8)
     o = summary['overall']
-    a2.set_title(f"accepted {o['accepted']}/{o['generated']} ({(o['rate'] or 0):.0%})", fontsize=10)
+    a2.set_title(f"accepted {o['accepted']}/{o['generated']} ({(o['rate'] or 0):.0%})" + (f"; {o['copies']} copies rejected" if o.get('copies') else ''), fontsize=10)
     fig.tight_layout()
     return fig
 
