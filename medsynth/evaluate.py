@@ -546,9 +546,9 @@ def _selfcheck_metrics(run_dir:Path, rows:list[dict], class_names:list[str]) -> 
         return dict(acceptance_rate=None, n=len(rows), note='the self-check has not run: generated/ is unfiltered')
     s = read_json(f)
     o = s['overall']
-    return dict(acceptance_rate=o['rate'], n=o['generated'], n_accepted=o['accepted'], rounds_used=o['rounds_used'],
+    return dict(acceptance_rate=o['rate'], n=o['generated'], n_accepted=o['accepted'], n_copies_rejected=o.get('copies'), rounds_used=o['rounds_used'],
                 candidates_per_accepted=o['candidates_per_accepted'], threshold=s['threshold'], target_per_class=s['target_per_class'],
-                per_class={d['name']: {k: d[k] for k in ('generated', 'accepted', 'rate', 'rounds_used', 'reached_target', 'stopped', 'rejected_as')}
+                per_class={d['name']: {k: d.get(k) for k in ('generated', 'accepted', 'rate', 'rounds_used', 'reached_target', 'stopped', 'rejected_as', 'copies')}
                            for d in s['classes']},
                 per_round=s['per_round'], below_target=s['below_target'])
 
