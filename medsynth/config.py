@@ -163,6 +163,8 @@ _declare(  # selfcheck: the judge accepts or rejects each generated image; rejec
     Param('target_per_class', 'int', None, "accepted images wanted per class; null: images_per_class (as many as round 0 makes)", stage='selfcheck', optional=True, min=1),
     Param('max_rounds', 'int', 5, "regeneration rounds after the first batch (round 0, from the generate stage)", stage='selfcheck', min=0),
     Param('max_candidates_per_class', 'int', None, "generation budget: candidates per class over all rounds, round 0 included; null: 3 x target_per_class", stage='selfcheck', optional=True, min=1),
+    Param('novelty_check', 'bool', True, "novelty gate: reject (and replace) candidates that are copies of a training image under a flip, turn, small shift or noise (04a_novelty); evaluate reports copy rates either way", stage='selfcheck'),
+    Param('novelty_fpr', 'float', 0.01, "novelty gate: the share of real held-out images (val + test) it may call copies; this sets its threshold", stage='selfcheck', min=0, max=0.5),
 )
 
 # %% ../nbs/00_config.ipynb #622b3f03

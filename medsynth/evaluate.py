@@ -11,13 +11,14 @@ import numpy as np
 from .config import Params, read_json, write_json, write_text, read_jsonl, atomic_path, params_hash
 from .data import load_classes, load_split, read_images
 from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs
+from .novelty import load_gate, aligned, NOVELTY_FILE
 from .selfcheck import load_candidates, candidate_path, plot_acceptance, describe_acceptance
 
 # %% auto #0
 __all__ = ['frechet_distance', 'kid', 'precision_recall', 'distance_scores', 'prompt_scores', 'plot_prf', 'plot_prompt_confusion',
-           'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'headline_rows',
-           'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score', 'budget_note',
-           'mean_sd', 'paired_delta', 'evaluate_run', 'run_evaluate']
+           'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'plot_copy_scores',
+           'headline_rows', 'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score',
+           'budget_note', 'mean_sd', 'paired_delta', 'evaluate_run', 'run_evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #4ea1f327
 def _features(x, name:str='features') -> np.ndarray:
@@ -291,6 +292,26 @@ def plot_training_scores(rows:dict):   # label -> {accuracy, macro_f1, n_train[,
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06_evaluate.ipynb #a1e9a841
+def plot_copy_scores(generated:dict,     # {'scores': copy scores, 'distances': nearest-training distances} of generated images
+                     reference:dict,     # the same of real held-out images (the calibration's reference)
+                     threshold:float):   # below it, a copy
+    "Histograms of the copy score (with the threshold) and of the nearest-training distance: generated vs real held-out images."
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, key, xlabel in ((axs[0], 'scores', 'copy score: nearest / 2nd-nearest distance (0: a copy)'),
+                            (axs[1], 'distances', 'RMS distance to the nearest training image (grey levels)')):
+        g, r = np.asarray(generated.get(key, []), float), np.asarray(reference.get(key, []), float)
+        bins = np.linspace(0, max([1.0, *g, *r]) * 1.02, 41)
+        for x, lab in ((r, 'real held-out'), (g, 'generated')):
+            below = f": {np.mean(x < threshold):.1%} below the threshold" if key == 'scores' and len(x) else ''
+            if len(x): ax.hist(x, bins, density=True, alpha=0.5, label=f"{lab} (n={len(x)}){below}")
+        if key == 'scores': ax.axvline(threshold, color='k', ls='--', lw=1, label=f"threshold {threshold:.3f}")
+        ax.set_xlabel(xlabel, fontsize=8); ax.set_ylabel('density'); ax.legend(fontsize=7)
+    fig.suptitle('novelty: generated images against real held-out ones, each to its nearest training image', fontsize=10)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/06_evaluate.ipynb #0fcd9aca
 def _fmt(v, nd:int=3) -> str:
     if v is None: return '—'
@@ -338,11 +359,14 @@ def headline_rows(m:dict) -> list[list]:
         ['KID (judge features)', kid_v, g('distances', 'kid', 'n'), f"± {_fmt(g('distances', 'kid', 'std'))}, subsets of {_fmt(g('distances', 'kid', 'subset_size'))}; real reference {_fmt(g('distances', 'reference', 'kid', 'mean'))}"],
         ['k-NN precision / recall', f"{_fmt(g('distances', 'precision_recall', 'precision'))} / {_fmt(g('distances', 'precision_recall', 'recall'))}",
          g('distances', 'precision_recall', 'n'), f"k={_fmt(g('distances', 'precision_recall', 'k'))}; real reference {_fmt(g('distances', 'reference', 'precision_recall', 'precision'))} / {_fmt(g('distances', 'reference', 'precision_recall', 'recall'))}"],
+        ['novelty: copy rate before filtering', g('novelty', 'copy_rate'), g('novelty', 'n'),
+         f"copies of a training image (score below {_fmt(g('novelty', 'threshold'))}); real held-out images below it: {_fmt(g('novelty', 'real_fpr'))} "
+         f"of {_fmt(g('novelty', 'n_reference'))} (fpr asked {_fmt(g('novelty', 'fpr'))})"],
     ]
 
 # %% ../nbs/06_evaluate.ipynb #2397e1c1
 def class_rows(m:dict, class_names:list[str]) -> list[list]:
-    "Per-class rows: real F1, generated precision/recall/F1, acceptance, distances."
+    "Per-class rows: real F1, generated precision/recall/F1, acceptance, distances, copy rate."
     rows = []
     for n in class_names:
         pc = lambda *ks: _dig(m, ks)
@@ -352,7 +376,8 @@ def class_rows(m:dict, class_names:list[str]) -> list[list]:
                      f"{_fmt(sc.get('accepted'))}/{_fmt(sc.get('generated'))}", sc.get('reached_target'),
                      pc('distances', 'fd', 'per_class', n, 'value'), pc('distances', 'reference', 'fd', 'per_class', n, 'value'),
                      pc('distances', 'kid', 'per_class', n, 'mean'),
-                     pc('distances', 'precision_recall', 'per_class', n, 'precision'), pc('distances', 'precision_recall', 'per_class', n, 'recall')])
+                     pc('distances', 'precision_recall', 'per_class', n, 'precision'), pc('distances', 'precision_recall', 'per_class', n, 'recall'),
+                     pc('novelty', 'per_class_copy_rate', n)])
     return rows
 
 # %% ../nbs/06_evaluate.ipynb #9b31b2fe
@@ -366,6 +391,7 @@ _HOW_TO_READ = [
     "<b>Generated, before filtering</b>: every image of the first batch, classified by the judge and compared with the class it was generated for. Precision of a class: when the judge says it, was it asked for? Recall: of the images asked to be it, how many look like it?",
     "<b>Self-check</b>: an image is accepted when the judge predicts its class with at least the threshold's probability; rejected ones are regenerated with new seeds, round after round, within a budget.",
     "<b>CAS</b> (classification accuracy score): a classifier trained on the accepted synthetic images only, tested on real images. <b>Augmentation</b>: real + synthetic against real only. Both with the judge's recipe and the same number of training steps.",
+    "<b>Novelty</b>: each round-0 candidate's nearest training image over every flip, quarter turn and small shift; it is a <i>copy</i> when it is much closer to that image than to the next one (score = nearest / 2nd-nearest distance below a threshold set on real held-out images, new by definition, so that at most <code>novelty_fpr</code> of them fall below it). With <code>novelty_check</code> the self-check rejects copies and replaces them.",
     "<b>Fréchet distance</b> and <b>KID</b> compare the distributions of the judge's penultimate features of generated and real test images (lower is closer; KID is unbiased and can be slightly negative). They are biased or noisy at small n: compare them with the <i>real reference</i>, real training images scored the same way at the same sample sizes. <b>k-NN precision</b>: share of generated images that fall within the real images' manifold (realism); <b>recall</b>: share of real images within the generated manifold (variety).",
 ]
 
@@ -384,7 +410,7 @@ def render_report(metrics:dict,             # metrics.json content
     if notes: parts += ["<h2>Notes</h2>"] + [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
     parts += ["<h2>Per class</h2>",
               _table(['class', 'real F1', 'gen. precision', 'gen. recall', 'gen. F1', 'gen. n', 'accepted/generated', 'target reached',
-                      'FD', 'FD real ref.', 'KID', 'k-NN precision', 'k-NN recall'], class_rows(metrics, class_names)),
+                      'FD', 'FD real ref.', 'KID', 'k-NN precision', 'k-NN recall', 'copy rate'], class_rows(metrics, class_names)),
               "<h2>Figures</h2>"]
     parts += [f"<figure><img src='{html.escape(f)}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>"
               for f, c in figures]
@@ -520,9 +546,9 @@ def _selfcheck_metrics(run_dir:Path, rows:list[dict], class_names:list[str]) -> 
         return dict(acceptance_rate=None, n=len(rows), note='the self-check has not run: generated/ is unfiltered')
     s = read_json(f)
     o = s['overall']
-    return dict(acceptance_rate=o['rate'], n=o['generated'], n_accepted=o['accepted'], rounds_used=o['rounds_used'],
+    return dict(acceptance_rate=o['rate'], n=o['generated'], n_accepted=o['accepted'], n_copies_rejected=o.get('copies'), rounds_used=o['rounds_used'],
                 candidates_per_accepted=o['candidates_per_accepted'], threshold=s['threshold'], target_per_class=s['target_per_class'],
-                per_class={d['name']: {k: d[k] for k in ('generated', 'accepted', 'rate', 'rounds_used', 'reached_target', 'stopped', 'rejected_as')}
+                per_class={d['name']: {k: d.get(k) for k in ('generated', 'accepted', 'rate', 'rounds_used', 'reached_target', 'stopped', 'rejected_as', 'copies')}
                            for d in s['classes']},
                 per_round=s['per_round'], below_target=s['below_target'])
 
@@ -566,6 +592,24 @@ def _distance_block(f_test, y_test, c:_Candidates, x_real, y_real, x_test, class
                                          kid_subsets=kid_subsets, seed=seed, device=device)
     return dist
 
+# %% ../nbs/06_evaluate.ipynb #0ffef294
+def _novelty_block(rd:Path, c:_Candidates, class_names:list[str], *, fpr:float, closest:int=8) -> dict:
+    "`novelty` of metrics.json: the gate on every round-0 candidate: copy rate overall and per class, threshold, real FPR, closest pairs."
+    try: gate = load_gate(rd, fpr=fpr, verbose=False)
+    except FileNotFoundError as e: return dict(copy_rate=None, per_class_copy_rate={}, threshold=None, real_fpr=None, n=len(c.before), note=str(e))
+    cal, state = read_json(rd/'selfcheck'/NOVELTY_FILE), rd/'selfcheck'/'state.json'
+    same = state.exists() and read_json(state).get('judge_id', '').endswith(f"+novelty:{gate.key}") and all('nn_ratio' in r for r in c.before)
+    v = c.before if same else gate(c.images[c.before_idx])
+    y, copy = c.labels[c.before_idx], np.array([bool(x['copy']) for x in v], bool)
+    score = np.array([x['nn_ratio'] for x in v], float)
+    near = [dict(file_name=c.before[i]['file_name'], label=int(y[i]), **{k: v[i][k] for k in ('copy', 'nn_file', 'nn_distance', 'nn_ratio', 'nn_view')})
+            for i in np.argsort(score, kind='stable')[:closest]]
+    return dict(copy_rate=float(copy.mean()) if len(v) else None, n=len(v), n_copies=int(copy.sum()),
+                per_class_copy_rate={n: float(copy[y == k].mean()) if (y == k).any() else None for k, n in enumerate(class_names)},
+                threshold=cal['threshold'], real_fpr=cal['fpr_measured'], fpr=cal['fpr'], n_reference=cal['n_reference'], n_train=cal['n_train'],
+                score=cal['score'], source='the self-check record' if same else 'computed by the evaluation', closest=near,
+                generated_scores=[round(float(s), 4) for s in score], generated_distances=[float(x['nn_distance']) for x in v])
+
 # %% ../nbs/06_evaluate.ipynb #622623c4
 def _savefig(fig, path:Path) -> str:
     import matplotlib.pyplot as plt
@@ -578,8 +622,8 @@ def _markdown_report(metrics:dict, class_names:list[str], figures:list[tuple[str
     lines = [f"# {title}", "", "Raw numbers: [metrics.json](metrics.json); *n* is the number of images a score rests on.", "",
              "| measure | value | n | note |", "| --- | --- | --- | --- |", *[row(r) for r in headline_rows(metrics)], ""]
     if notes: lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    lines += ["## Per class", "", "| class | real F1 | gen. precision | gen. recall | gen. F1 | gen. n | accepted/generated | target reached | FD | FD real ref. | KID | k-NN precision | k-NN recall |",
-              "|" + " --- |" * 13, *[row(r) for r in class_rows(metrics, class_names)], "", "## Figures", ""]
+    lines += ["## Per class", "", "| class | real F1 | gen. precision | gen. recall | gen. F1 | gen. n | accepted/generated | target reached | FD | FD real ref. | KID | k-NN precision | k-NN recall | copy rate |",
+              "|" + " --- |" * 14, *[row(r) for r in class_rows(metrics, class_names)], "", "## Figures", ""]
     lines += [f"![{c}]({f})\n\n*{c}*\n" for f, c in figures]
     lines += ["## How to read it", "", *[f"- {re.sub('<[^>]+>', '', x)}" for x in _HOW_TO_READ], ""]
     if params: lines += ["## Parameters of the run", "", "| key | value |", "| --- | --- |", *[f"| `{k}` | {_fmt(v)} |" for k, v in params.items()]]
@@ -615,6 +659,23 @@ def _score_figures(rd:Path, names:list[str], m:dict, *, steps:int, batch_size:in
               "Per-class distances to the real test images on the judge's features: accepted set, every round-0 candidate, and real training images (the reference a perfect generator would score at these sample sizes).")]
     return plan
 
+def _novelty_figures(rd:Path, names:list[str], c:_Candidates, nov:dict, *, size:int) -> list[tuple]:
+    "The plan of the novelty figures: copy scores and nearest distances against the real reference, and the closest pairs."
+    if nov.get('copy_rate') is None: return []
+    cal = read_json(rd/'selfcheck'/NOVELTY_FILE)
+    def scores(): return plot_copy_scores(dict(scores=nov['generated_scores'], distances=nov['generated_distances']),
+                                          dict(scores=cal['reference_scores'], distances=cal.get('reference_distances', [])), nov['threshold'])
+    def pairs():
+        ims, caps = [], []
+        for p in nov['closest']:
+            ims += [c.images[c.index[p['file_name']]], aligned(read_images([rd/'data'/p['nn_file']], size=size)[0], p['nn_view'])]
+            caps += [f"generated {_short(names[p['label']], 12)}\nscore {p['nn_ratio']:.2f}{' COPY' if p['copy'] else ''}",
+                     f"train {_short(p['nn_file'].split('/')[1], 12)}\n{Path(p['nn_file']).stem}: {p['nn_distance']:.1f} grey lv."]
+        return plot_rejected(ims, caps, cols=8, title=f"the {len(nov['closest'])} generated images closest to a training image (each beside it, turned to line up)")
+    return [('novelty_scores.png', scores, f"Novelty: copy score and distance to the nearest training image of every round-0 candidate (n={nov['n']}) against real held-out images "
+             f"(n={nov['n_reference']}); below the threshold, a copy: {_fmt(nov['copy_rate'])} of the generated images, {_fmt(nov['real_fpr'])} of the real ones."),
+            ('novelty_pairs.png', pairs, "The generated images closest to a training image, each beside that training image (flipped or turned as it matched).")]
+
 def _image_figures(rd:Path, names:list[str], c:_Candidates, x_test, y_test, *, size:int, grid_per_class:int, rejected_shown:int) -> list[tuple]:
     "The plan of the image figures: real next to generated per class, and a sample of the rejected images."
     shown = c.accepted if c.accepted else c.before
@@ -641,6 +702,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                  batch_size:int=64,          # images per step of fit_fn (to count steps)
                  kid_subset_size:int=1000, kid_subsets:int=100, prdc_k:int=5,
                  grid_per_class:int=6, rejected_shown:int=24,
+                 novelty_fpr:float|None=0.01, # the novelty gate's calibration (`novelty.load_gate`); None: no novelty block
                  real_per_class:int|None=None, # real training images per class for the classifiers and the reference (None: all)
                  inception_weights:str|None=None,
                  report_format:str='html',   # html, md or both
@@ -665,6 +727,9 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     lap('judge on generated')
     sc = _selfcheck_metrics(rd, cands.rows, names)
     notes = _selfcheck_notes(rd, sc)
+    nov = _novelty_block(rd, cands, names, fpr=novelty_fpr) if novelty_fpr is not None else dict(copy_rate=None, note='not asked for')
+    if nov.get('note'): notes.append(f"novelty: {nov['note']}")
+    lap('novelty')
     x_syn, y_syn = cands.images[cands.accepted_idx], cands.labels[cands.accepted_idx]
     say(f"training three classifiers ({recipe or 'one recipe'}): real only ({len(x_tr)}), synthetic only ({len(x_syn)}), real + synthetic")
     steps = eval_epochs * max(1, math.ceil(len(x_tr) / batch_size))
@@ -678,9 +743,10 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     if 'skipped' in dist['inception']: notes.append(f"Inception FID/KID skipped: {dist['inception']['skipped']}")
     lap('distances')
     metrics = dict(real_test=real_test, generated=generated, accepted=_accepted_block(cands, names), selfcheck=sc, cas=cas_block,
-                   augmentation=aug_block, distances=dist, timings=timings, params=params or {})
+                   augmentation=aug_block, distances=dist, novelty=nov, timings=timings, params=params or {})
     plan = (_score_figures(rd, names, metrics, steps=steps, batch_size=batch_size, eval_repeats=eval_repeats, recipe=recipe)
-            + _image_figures(rd, names, cands, x_te, y_te, size=x_te.shape[1], grid_per_class=grid_per_class, rejected_shown=rejected_shown))
+            + _image_figures(rd, names, cands, x_te, y_te, size=x_te.shape[1], grid_per_class=grid_per_class, rejected_shown=rejected_shown)
+            + _novelty_figures(rd, names, cands, nov, size=x_te.shape[1]))
     figs = [(_savefig(make(), out/name), caption) for name, make, caption in plan] if figures else []
     lap('figures')
     _write_pages(out, metrics, names, figs, notes, params=params, title=f"medsynth report: {(params or {}).get('run_name', rd.name)}", report_format=report_format)
@@ -706,7 +772,7 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
         return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'])
     metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,
-                           prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class,
+                           prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class, novelty_fpr=P.novelty_fpr,
                            inception_weights=P.inception_weights, report_format=P.report_format, seed=P.seed, device=kw['device'],
                            recipe="the judge's recipe", params=dict(P))
     metrics['params_hash'] = h

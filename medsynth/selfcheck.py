@@ -15,9 +15,10 @@ from .data import load_classes
 from .classify import load_classifier, predict
 from .sampling import load_generator, generate_images
 from .generate import gen_kwargs, image_seed, candidate_file
+from .novelty import load_gate
 
 # %% auto #0
-__all__ = ['VERDICT_KEYS', 'judge', 'candidates_file', 'load_candidates', 'candidate_path', 'commit', 'class_status',
+__all__ = ['VERDICT_KEYS', 'judge', 'verdicts', 'candidates_file', 'load_candidates', 'candidate_path', 'commit', 'class_status',
            'plan_round', 'acceptance_summary', 'describe_acceptance', 'plot_acceptance', 'self_check', 'run_selfcheck']
 
 # %% ../nbs/05_selfcheck.ipynb #de332431
@@ -35,8 +36,24 @@ def judge(probs,               # (N, C) class probabilities from the judge
                  accepted=bool(p == l and pi >= threshold))
             for p, pr, pi, l in zip(pred, probs, p_int, labels)]
 
+# %% ../nbs/05_selfcheck.ipynb #fd706754
+def verdicts(images,                 # the candidates: PIL images or uint8 arrays
+             labels,                 # the classes they were generated for
+             *, classify_fn,         # images -> (N, C) class probabilities (the judge)
+             threshold:float,        # smallest accepted probability of the intended class
+             novelty_fn=None         # images -> one `{copy, nn_file, nn_distance, nn_ratio, nn_view}` each (a `NoveltyGate`); None: no gate
+            ) -> list[dict]:
+    "The judge's verdict on each image plus the gate's: accepted iff the judge accepts it and it is no copy; `reason` says why not."
+    out = judge(classify_fn(images), labels, threshold=threshold)
+    for v, n in zip(out, novelty_fn(images) if novelty_fn is not None else [{}] * len(out)):
+        v.update(n)
+        why = (['judge'] if not v['accepted'] else []) + ([f"copy of {n['nn_file']}"] if n.get('copy') else [])
+        v['accepted'] = not why
+        if why: v['reason'] = '; '.join(why)
+    return out
+
 # %% ../nbs/05_selfcheck.ipynb #35dcac09
-VERDICT_KEYS = ('pred', 'confidence', 'p_intended', 'accepted')
+VERDICT_KEYS = ('pred', 'confidence', 'p_intended', 'accepted', 'copy', 'nn_file', 'nn_distance', 'nn_ratio', 'nn_view', 'reason')
 
 def candidates_file(run_dir) -> Path: return Path(run_dir)/'selfcheck'/'candidates.jsonl'
 
@@ -61,8 +78,6 @@ def candidate_path(run_dir, row:dict) -> Path|None:
         p = Path(run_dir)/folder/row['file_name']
         if p.exists(): return p
     return None
-
-
 
 # %% ../nbs/05_selfcheck.ipynb #81fca607
 def _folder(row:dict) -> str: return 'rejected' if row.get('accepted') is False else 'generated'
@@ -126,6 +141,7 @@ def plan_round(rows:list[dict],      # every candidate on record
 
 # %% ../nbs/05_selfcheck.ipynb #98b5e7d6
 def _rate(a, g): return round(a / g, 4) if g else None
+def _judge_rejected(r:dict) -> bool: return r.get('accepted') is False and (not r.get('copy') or 'judge' in r.get('reason', ''))
 
 def acceptance_summary(rows:list[dict],        # every candidate on record (judged)
                        class_names:list[str],  # names in label order
@@ -135,21 +151,21 @@ def acceptance_summary(rows:list[dict],        # every candidate on record (judg
     classes = []
     for c, name in enumerate(class_names):
         rs = [r for r in rows if r['label'] == c]
-        per_round = [dict(round=k, generated=sum(r['round'] == k for r in rs),
-                          accepted=sum(r['round'] == k and bool(r.get('accepted')) for r in rs)) for k in rounds]
+        per_round = [dict(round=k, generated=sum(r['round'] == k for r in rs), accepted=sum(r['round'] == k and bool(r.get('accepted')) for r in rs),
+                          copies=sum(r['round'] == k and bool(r.get('copy')) for r in rs)) for k in rounds]
         for d in per_round: d['rate'] = _rate(d['accepted'], d['generated'])
         acc = sum(bool(r.get('accepted')) for r in rs)
         why, _ = class_status(rs, target=target, max_rounds=max_rounds, max_candidates=max_candidates)
-        wrong = Counter(class_names[r['pred']] for r in rs if r.get('accepted') is False and r.get('pred') is not None)
-        classes.append(dict(index=c, name=name, generated=len(rs), accepted=acc, rate=_rate(acc, len(rs)),
+        wrong = Counter(class_names[r['pred']] for r in rs if _judge_rejected(r) and r.get('pred') is not None)
+        classes.append(dict(index=c, name=name, generated=len(rs), accepted=acc, rate=_rate(acc, len(rs)), copies=sum(bool(r.get('copy')) for r in rs),
                             rounds_used=max((r['round'] for r in rs), default=0), reached_target=acc >= target,
                             stopped=why, rejected_as=dict(wrong.most_common()), per_round=per_round))
     gen, acc = len(rows), sum(bool(r.get('accepted')) for r in rows)
-    per_round = [dict(round=k, generated=sum(d['per_round'][i]['generated'] for d in classes),
-                      accepted=sum(d['per_round'][i]['accepted'] for d in classes)) for i, k in enumerate(rounds)]
+    per_round = [dict(round=k, **{key: sum(d['per_round'][i][key] for d in classes) for key in ('generated', 'accepted', 'copies')})
+                 for i, k in enumerate(rounds)]
     for d in per_round: d['rate'] = _rate(d['accepted'], d['generated'])
     return dict(threshold=threshold, target_per_class=target, max_rounds=max_rounds, max_candidates_per_class=max_candidates,
-                overall=dict(generated=gen, accepted=acc, rate=_rate(acc, gen), rounds_used=max(rounds),
+                overall=dict(generated=gen, accepted=acc, rate=_rate(acc, gen), rounds_used=max(rounds), copies=sum(d['copies'] for d in classes),
                              candidates_per_accepted=round(gen / acc, 3) if acc else None),
                 per_round=per_round, classes=classes,
                 below_target=[d['name'] for d in classes if not d['reached_target']],
@@ -158,18 +174,17 @@ def acceptance_summary(rows:list[dict],        # every candidate on record (judg
 def describe_acceptance(summary:dict) -> str:
     "A few plain sentences: overall acceptance, and each class that did not reach its target."
     o = summary['overall']
+    copies = f"; {o['copies']} rejected as copies of training images" if o.get('copies') else ''
     lines = [f"accepted {o['accepted']} of {o['generated']} candidates ({(o['rate'] or 0):.0%}) in {o['rounds_used']+1} round(s); "
-             f"{o['candidates_per_accepted'] or 'no'} candidates per accepted image"]
+             f"{o['candidates_per_accepted'] or 'no'} candidates per accepted image{copies}"]
     for d in summary['classes']:
         if d['reached_target']: continue
         seen = ', '.join(f"{k if k != d['name'] else 'itself but below the threshold'} ({v})"
                          for k, v in list(d['rejected_as'].items())[:3]) or 'nothing (no candidate rejected)'
         lines.append(f"class '{d['name']}' did NOT reach its target: {d['accepted']} of {summary['target_per_class']} accepted "
                      f"from {d['generated']} candidates in {d['rounds_used']+1} round(s) ({d['stopped'] or 'not finished'}); "
-                     f"the judge took its rejected images for: {seen}")
+                     f"the judge took its rejected images for: {seen}" + (f"; {d['copies']} were copies of training images" if d.get('copies') else ''))
     return '\n'.join(lines)
-
-
 
 # %% ../nbs/05_selfcheck.ipynb #d338dd41
 def plot_acceptance(summary:dict):
@@ -182,7 +197,8 @@ def plot_acceptance(summary:dict):
     im = a1.imshow(rate, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto')
     for i, d in enumerate(classes):
         for j, r in enumerate(d['per_round']):
-            if r['generated']: a1.text(j, i, f"{r['accepted']}/{r['generated']}", ha='center', va='center', fontsize=8)
+            if r['generated']: a1.text(j, i, f"{r['accepted']}/{r['generated']}" + (f"\n{r['copies']} cop." if r.get('copies') else ''),
+                                       ha='center', va='center', fontsize=8 if not r.get('copies') else 7)
     a1.set_xticks(range(len(rounds)), [str(r) for r in rounds]); a1.set_xlabel('round')
     a1.set_yticks(range(len(classes)), [d['name'] for d in classes])
     a1.set_title(f"acceptance per round (threshold {summary['threshold']})", fontsize=10)
@@ -194,11 +210,9 @@ def plot_acceptance(summary:dict):
     a2.set_xlim(0, 1.3 * max([summary['target_per_class'], *acc]))
     a2.set_yticks(range(len(classes)), []); a2.invert_yaxis(); a2.set_xlabel('accepted images'); a2.legend(loc='lower right', fontsize=8)
     o = summary['overall']
-    a2.set_title(f"accepted {o['accepted']}/{o['generated']} ({(o['rate'] or 0):.0%})", fontsize=10)
+    a2.set_title(f"accepted {o['accepted']}/{o['generated']} ({(o['rate'] or 0):.0%})" + (f"; {o['copies']} copies rejected" if o.get('copies') else ''), fontsize=10)
     fig.tight_layout()
     return fig
-
-
 
 # %% ../nbs/05_selfcheck.ipynb #39a0b945
 def _chunks(xs:list, n:int): return [xs[i:i+n] for i in range(0, len(xs), n)]
@@ -207,11 +221,12 @@ def _per_class(rows:list[dict], class_names:list[str], target:int) -> str:
     "Accepted images of each class against the target, for a progress line: 'a 4/4, b 1/4'."
     return ', '.join(f"{n} {sum(bool(r.get('accepted')) for r in rows if r['label'] == c)}/{target}" for c, n in enumerate(class_names))
 
-def _judge_pending(run_dir:Path, rows:list[dict], classify_fn, threshold:float, chunk:int) -> int:
+def _judge_pending(run_dir:Path, rows:list[dict], chunk:int, **kw) -> int:
+    "Give every candidate on record without a verdict its `verdicts` (kw: classify_fn, threshold, novelty_fn)."
     pending = [r for r in rows if 'accepted' not in r]
     for part in _chunks(pending, chunk):
         images = [Image.open(candidate_path(run_dir, r)).convert('RGB') for r in part]
-        for r, v in zip(part, judge(classify_fn(images), [r['label'] for r in part], threshold=threshold)): r.update(v)
+        for r, v in zip(part, verdicts(images, [r['label'] for r in part], **kw)): r.update(v)
     return len(pending)
 
 # %% ../nbs/05_selfcheck.ipynb #00c718a9
@@ -219,11 +234,12 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
                class_names:list[str],    # class names in label order
                *, generate_fn,           # (labels, seeds) -> list of PIL images, one per (label, seed)
                classify_fn,              # list of PIL images -> (N, C) class probabilities
+               novelty_fn=None,          # list of PIL images -> copy verdicts (a `novelty.NoveltyGate`); None: the judge alone
                accept_threshold:float=0.5, # smallest accepted probability of the intended class
                target_per_class:int=10,  # accepted images wanted per class
                max_rounds:int=5,         # regeneration rounds after round 0
                max_candidates_per_class:int=50, # generation budget per class, round 0 included
-               judge_id:str='',          # identifies judge + threshold; a change re-judges every candidate
+               judge_id:str='',          # identifies judge + threshold (+ gate); a change re-judges every candidate
                generation_id:str='',     # identifies round 0 (04_generate's key); a change starts the record afresh
                seed_fn=None,             # (label, index, round) -> seed of a replacement (see `plan_round`)
                force:bool=False,         # re-judge every candidate even when the judge is unchanged
@@ -235,6 +251,7 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
         log_line(f"self-check: {msg}")
         if verbose: print(msg)
     limits = dict(target=target_per_class, max_rounds=max_rounds, max_candidates=max_candidates_per_class)
+    vkw = dict(classify_fn=classify_fn, threshold=accept_threshold, novelty_fn=novelty_fn)
     state_file = run_dir/'selfcheck'/'state.json'
     state = read_json(state_file) if state_file.exists() else {}
     fresh = state.get('generation_id', generation_id) != generation_id
@@ -245,19 +262,21 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
         say(f"{'forced' if force else 'the judge or the threshold changed'}: re-judging all {len(rows)} candidates")
         rows = [{k: v for k, v in r.items() if k not in VERDICT_KEYS} for r in rows]
     rows = commit(run_dir, rows)
-    if n := _judge_pending(run_dir, rows, classify_fn, accept_threshold, chunk):
+    if n := _judge_pending(run_dir, rows, chunk, **vkw):
         rows = commit(run_dir, rows)
-        say(f"judged {n} candidates: {sum(bool(r['accepted']) for r in rows)} of {len(rows)} accepted")
+        say(f"judged {n} candidates: {sum(bool(r['accepted']) for r in rows)} of {len(rows)} accepted"
+            + (f", {sum(bool(r.get('copy')) for r in rows)} copies of training images" if novelty_fn is not None else ''))
     write_json(state_file, dict(judge_id=judge_id, generation_id=generation_id))
     while plan := plan_round(rows, len(class_names), seed_fn=seed_fn, **limits):
         for part in _chunks(plan, chunk):
             images = generate_fn([r['label'] for r in part], [r['seed'] for r in part])
             if len(images) != len(part): raise RuntimeError(f"generate_fn returned {len(images)} images for {len(part)} seeds")
-            for r, v in zip(part, judge(classify_fn(images), [r['label'] for r in part], threshold=accept_threshold)): r.update(v)
+            for r, v in zip(part, verdicts(images, [r['label'] for r in part], **vkw)): r.update(v)
             for r, img in zip(part, images): save_png(img, run_dir/_folder(r)/r['file_name'])
         rows = commit(run_dir, rows + plan)
         say(f"regenerated {len(plan)} images for {len({r['label'] for r in plan})} class(es) "
-            f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted; "
+            f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted, "
+            f"{sum(bool(r.get('copy')) for r in plan)} copies; "
             f"accepted per class: {_per_class(rows, class_names, target_per_class)}")
     summary = acceptance_summary(rows, class_names, threshold=accept_threshold, **limits)
     write_json(run_dir/'selfcheck'/'acceptance.json', summary)
@@ -284,11 +303,13 @@ def run_selfcheck(P:Params,               # resolved parameters
         return generate_images(pipe, [classes[l]['caption'] for l in labels], list(seeds), batch_size=P.generate_batch_size,
                                progress=True, **gen_kwargs(P))
     def seed_fn(label, index, rnd): return image_seed(P.seed, label, index, rnd)
+    gate = load_gate(rd, fpr=P.novelty_fpr) if P.novelty_check else None
     stamp = rd/'generated'/'generate.json'
     target = P.target_per_class or P.images_per_class
-    summary = self_check(rd, [c['name'] for c in classes], generate_fn=generate_fn, classify_fn=classify_fn,
+    summary = self_check(rd, [c['name'] for c in classes], generate_fn=generate_fn, classify_fn=classify_fn, novelty_fn=gate,
                          accept_threshold=P.accept_threshold, target_per_class=target, max_rounds=P.max_rounds,
-                         max_candidates_per_class=P.max_candidates_per_class or 3 * target, judge_id=f"{file_digest(weights)}@{P.accept_threshold}",
+                         max_candidates_per_class=P.max_candidates_per_class or 3 * target,
+                         judge_id=f"{file_digest(weights)}@{P.accept_threshold}" + (f"+novelty:{gate.key}" if gate else ''),
                          generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn, force=force)
     fig = plot_acceptance(summary)
     with atomic_path(rd/'selfcheck'/'acceptance.png') as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')

@@ -6,12 +6,15 @@
 from __future__ import annotations
 from pathlib import Path
 import numpy as np
+import torch
 from PIL import Image
 from .config import write_json, write_jsonl
 from .data import PATHMNIST_CLASSES
+from .classify import dihedral
 
 # %% auto #0
-__all__ = ['COLOURS', 'COLOUR_NAMES', 'toy_run_dir', 'colour_image', 'centroid_judge', 'colour_judge', 'write_round0']
+__all__ = ['COLOURS', 'COLOUR_NAMES', 'toy_run_dir', 'colour_image', 'centroid_judge', 'colour_judge', 'write_round0',
+           'copy_generator']
 
 # %% ../nbs/10_testing.ipynb #2d615a33
 _TOY_COLOURS = np.array([[240, 200, 220], [230, 230, 235], [180, 120, 170], [80, 40, 120], [170, 180, 230],
@@ -23,26 +26,33 @@ def _toy_image(rng, label:int, size:int) -> np.ndarray:
     stripes = np.sin((xx if label % 2 else yy) * (0.5 + 0.4*label) + rng.uniform(0, 6))[..., None]
     return np.clip(_TOY_COLOURS[label] * (0.85 + 0.15*stripes) + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
 
+def _toy_split(run_dir:Path, split:str, classes:list[dict], n:int, size:int, rng):
+    "Write `n` toy images per class into data/<split>/<class>/ with the split's metadata.jsonl."
+    rows = []
+    for c in classes:
+        (run_dir/'data'/split/c['name']).mkdir(parents=True, exist_ok=True)
+        for j in range(n):
+            fn = f"{c['name']}/{j:06d}.png"
+            Image.fromarray(_toy_image(rng, c['index'], size)).save(run_dir/'data'/split/fn)
+            rows.append(dict(file_name=fn, text=c['caption'], label=c['index']))
+    write_jsonl(run_dir/'data'/split/'metadata.jsonl', rows)
+
 def toy_run_dir(run_dir:str|Path,            # where to write data/
                 *, n_per_class:int=8,         # training images per class
                 size:int=16,                  # image side
                 n_classes:int=4,              # up to 9
+                held_out:int=0,               # validation and test images per class (each); 0: a training split only
                 seed:int=0) -> Path:
-    "Write a minimal `data/` (classes.json, summary.json, train split) of distinct colour/stripe classes."
-    rng, run_dir, rows = np.random.default_rng(seed), Path(run_dir), []
+    "Write a minimal `data/` (classes.json, summary.json, train split, val and test with `held_out`) of distinct colour/stripe classes."
+    rng, run_dir = np.random.default_rng(seed), Path(run_dir)
     classes = [dict(index=i, name=n, caption=f"an H&E stained histopathology image of {n}")
                for i, n in enumerate(PATHMNIST_CLASSES[:n_classes])]
-    for c in classes:
-        (run_dir/'data'/'train'/c['name']).mkdir(parents=True, exist_ok=True)
-        for j in range(n_per_class):
-            fn = f"{c['name']}/{j:06d}.png"
-            Image.fromarray(_toy_image(rng, c['index'], size)).save(run_dir/'data'/'train'/fn)
-            rows.append(dict(file_name=fn, text=c['caption'], label=c['index']))
+    splits = {'train': n_per_class, **({'val': held_out, 'test': held_out} if held_out else {})}
+    for split, n in splits.items(): _toy_split(run_dir, split, classes, n, size, rng)
     names = [c['name'] for c in classes]
     write_json(run_dir/'data'/'classes.json', classes)
     write_json(run_dir/'data'/'summary.json', dict(image_size=[size, size], classes=names,
-                                                  counts={'train': {n: n_per_class for n in names}}))
-    write_jsonl(run_dir/'data'/'train'/'metadata.jsonl', rows)
+                                                  counts={s: {n: k for n in names} for s, k in splits.items()}))
     return run_dir
 
 # %% ../nbs/10_testing.ipynb #2baf4dde
@@ -97,3 +107,19 @@ def write_round0(run_dir:str|Path,      # the run directory
         rows.append(row)
     write_jsonl(Path(run_dir)/'generated'/'metadata.jsonl', rows)
     return rows
+
+# %% ../nbs/10_testing.ipynb #46ca61c4
+def copy_generator(images,              # training images: uint8 N×H×W×3, or a list of PIL images / arrays
+                   labels,              # their classes
+                   *, noise:float=4.0): # sd of the Gaussian noise added, in grey levels
+    "A memorising stand-in: `generate_fn(labels, seeds)` -> a training image of each class, flipped/turned at random, plus noise."
+    x, labels = np.stack([np.asarray(im) for im in images]), np.asarray(labels)
+    def generate_fn(ls, seeds):
+        out = []
+        for l, s in zip(ls, seeds):
+            rng = np.random.default_rng(int(s))
+            a = x[rng.choice(np.flatnonzero(labels == l))]
+            a = dihedral(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), int(rng.integers(8))).permute(1, 2, 0).numpy()
+            out.append(Image.fromarray(np.clip(a + rng.normal(0, noise, a.shape), 0, 255).astype(np.uint8)))
+        return out
+    return generate_fn

@@ -1,5 +1,5 @@
 "Evaluation measures: they measure (real stand-in vs wrong class vs noise), survive tiny samples, and state their n."
-import re, shutil, time
+import json, re, shutil, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -129,3 +129,13 @@ def test_demo_stages_on_the_project_classifier(tmp_path):
             'real_vs_generated.png', 'rejected.png', 'train_on_synthetic.png', 'real_test_confusion.png'} <= {p.name for p in report.iterdir()}
     t = time.time()
     assert run_evaluate(P)['params_hash'] == m['params_hash'] and time.time() - t < 5   # complete: skipped
+    # the novelty gate: calibrated once in the self-check, its verdicts on record, read back by the evaluation
+    cal = json.loads((Path(P.run_dir)/'selfcheck'/'novelty.json').read_text())
+    assert cal['fpr'] == P.novelty_fpr and cal['fpr_measured'] <= P.novelty_fpr
+    assert cal['n_reference'] == sum(len((Path(P.run_dir)/'data'/s/'metadata.jsonl').read_text().splitlines()) for s in ('val', 'test'))
+    rows = [json.loads(l) for l in (Path(P.run_dir)/'selfcheck'/'candidates.jsonl').read_text().splitlines()]
+    assert all('nn_ratio' in r and r['nn_file'].startswith('train/') for r in rows)
+    nov = m['novelty']
+    assert nov['source'] == 'the self-check record' and nov['threshold'] == cal['threshold'] and nov['real_fpr'] == cal['fpr_measured']
+    assert nov['copy_rate'] <= 0.05 and set(nov['per_class_copy_rate']) == set(names)   # fresh draws are new images
+    assert {'novelty_scores.png', 'novelty_pairs.png'} <= {p.name for p in report.iterdir()}

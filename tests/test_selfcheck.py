@@ -37,7 +37,7 @@ def test_accepts_right_rejects_wrong(tmp_path):
     seeds = [r['seed'] for r in gen + rej]
     assert len(set(seeds)) == len(seeds)
     acc = read_json(tmp_path/'selfcheck'/'acceptance.json')
-    assert acc['classes'][2]['per_round'] == [dict(round=k, generated=4, accepted=0, rate=0.0) for k in range(4)]
+    assert acc['classes'][2]['per_round'] == [dict(round=k, generated=4, accepted=0, copies=0, rate=0.0) for k in range(4)]
 
 def test_judge_threshold():
     v = judge(np.array([[0.7, 0.3], [0.55, 0.45]]), [0, 0], threshold=0.6)

@@ -1,0 +1,128 @@
+"""Which space tells a near-copy of a training image from a new image? Measured on pathmnist_mini.
+
+Positives: training images under a random flip/quarter turn (`classify.dihedral`) plus one perturbation each:
+nothing else, Gaussian noise (sd 4 or 8 grey levels), a shift of up to 2 px (7 % of 28, reflected borders), a JPEG
+round trip (quality 75), or all of shift + noise sd 4 + JPEG. Negatives: the real test images, new by definition.
+Every space is searched against the whole training split with `novelty.nearest` (exact) and scored two ways:
+the distance to the nearest training image, and that distance over the distance to the k-th nearest
+(`novelty.copy_score`, after Carlini et al. 2023). The columns are ROC AUCs (copies vs test images); `caught` is the
+share of the all-perturbations copies below the gate's threshold calibrated at fpr 0.01 on val + test.
+The winner is the space that catches most of them there (the gate's operating point), ties broken by mean AUC;
+its AUCs are then split by class: with and without the near-blank background tiles.
+
+    python bench/bench_novelty_space.py [--npz ../shared/data/pathmnist_mini.npz] [--n 350] [--judge-epochs 15]
+
+The judge-features space trains a ResNet-18 judge on the training split first (about 2 minutes on one core;
+--judge-epochs 0 leaves it out). The last line names the winner.
+"""
+import argparse, io, time
+from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from medsynth.classify import dihedral, fit_classifier, predict
+from medsynth.novelty import Space, NoveltyGate, nearest, copy_score, calibrate, gate_input, train_embedding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dihedral_np(a:np.ndarray, k:int) -> np.ndarray:
+    return dihedral(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), k).permute(1, 2, 0).numpy()
+
+def _noise(x, rng, sd): return np.clip(x + rng.normal(0, sd, x.shape), 0, 255).astype(np.uint8)
+
+def _shift(x, rng, s=2):
+    "Each image moved by up to s px each way (borders reflected)."
+    h = x.shape[1]
+    out = []
+    for a in x:
+        dy, dx = rng.integers(-s, s + 1, 2)
+        p = np.pad(a, ((s, s), (s, s), (0, 0)), mode='reflect')
+        out.append(p[s + dy:s + dy + h, s + dx:s + dx + h])
+    return np.stack(out)
+
+def _jpeg(x, quality=75):
+    out = []
+    for a in x:
+        b = io.BytesIO(); Image.fromarray(a).save(b, format='JPEG', quality=quality)
+        out.append(np.asarray(Image.open(b).convert('RGB')))
+    return np.stack(out)
+
+def near_copies(x, seed=0) -> dict:
+    "Each image under a random flip/turn, then each perturbation."
+    rng = np.random.default_rng(seed)
+    b = np.stack([_dihedral_np(a, int(k)) for a, k in zip(x, rng.integers(0, 8, len(x)))])
+    return {'flip/turn': b, 'noise 4': _noise(b, rng, 4), 'noise 8': _noise(b, rng, 8), 'shift 2px': _shift(b, rng),
+            'JPEG 75': _jpeg(b), 'all': _jpeg(_noise(_shift(b, rng), rng, 4))}
+
+def pixel_search(space:Space, x_train):
+    "images -> Neighbours in a pixel space (the gate's own search)."
+    gate = NoveltyGate(train_embedding(gate_input(x_train, space), space), [''] * len(x_train), space=space)
+    return gate.search
+
+def judge_search(x_train, y_train, epochs:int, k:int=2):
+    "images -> Neighbours on a freshly trained judge's 512-d features, over the 8 flips/turns."
+    model, _ = fit_classifier(x_train, y_train, n_classes=int(y_train.max()) + 1, epochs=epochs, device='cpu', precision='fp32', progress=False)
+    train = predict(model, x_train, tta=False)['features']
+    def search(images):
+        t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        views = np.stack([predict(model, dihedral(t, j).contiguous(), tta=False)['features'] for j in range(8)])
+        return nearest(views, train, k=k)
+    return search
+
+def score_space(search, positives:dict, x_test, x_ref) -> dict:
+    "AUC of each perturbation against the test images, for the distance and the ratio; `caught` at fpr 0.01."
+    nbs = {name: search(x) for name, x in positives.items()}
+    neg, ref = search(x_test), search(x_ref)
+    out = {}
+    for how, f in (('distance', lambda nb: nb.distance[:, 0]), ('ratio', copy_score)):
+        row = {name: roc_auc_score(np.r_[np.ones(len(nb.index)), np.zeros(len(x_test))], -np.r_[f(nb), f(neg)]) for name, nb in nbs.items()}
+        row['caught'] = float((f(nbs['all']) < calibrate(f(ref), 0.01)['threshold']).mean())
+        out[how] = row
+    return out
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--npz', default=str(ROOT.parent/'shared'/'data'/'pathmnist_mini.npz'))
+    ap.add_argument('--n', type=int, default=350, help='training images made into near-copies (of each kind)')
+    ap.add_argument('--judge-epochs', type=int, default=15)
+    ap.add_argument('--threads', type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    d = np.load(a.npz)
+    x_tr, y_tr, x_te = d['train_images'], d['train_labels'].ravel(), d['test_images']
+    x_ref = np.concatenate([d['val_images'], d['test_images']])
+    sel = np.random.default_rng(1).choice(len(x_tr), min(a.n, len(x_tr)), replace=False)
+    pos, y_pos = near_copies(x_tr[sel]), y_tr[sel]
+    spaces = {'pixels 8 px': Space(shift=0, pool=8), 'pixels 8 px + shifts': Space(shift=2, pool=8),
+              'pixels 12 px + shifts': Space(shift=2, pool=12), 'pixels 12 px + shifts, k=3': Space(shift=2, pool=12, k=3)}
+    rows = {}
+    for name, sp in spaces.items():
+        t0 = time.time()
+        for how, r in score_space(pixel_search(sp, x_tr), pos, x_te, x_ref).items(): rows[f"{name}: {how}"] = r
+        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+    if a.judge_epochs:
+        t0 = time.time()
+        for how, r in score_space(judge_search(x_tr, y_tr, a.judge_epochs), pos, x_te, x_ref).items(): rows[f"judge features ({a.judge_epochs} epochs): {how}"] = r
+        print(f"judge features: {time.time() - t0:.0f} s", flush=True)
+    cols = list(pos) + ['caught']
+    print(f"\n{len(x_tr)} training images, {a.n} near-copies of each kind, {len(x_te)} test images; ROC AUC (caught: share of 'all' below the fpr-0.01 threshold)\n")
+    print('| space: score | ' + ' | '.join(cols) + ' |'); print('| --- |' + ' --- |' * len(cols))
+    for name, r in rows.items(): print(f"| {name} | " + ' | '.join(f"{r[c]:.4f}" if c != 'caught' else f"{r[c]:.2f}" for c in cols) + ' |')
+    best = max(rows, key=lambda n: (rows[n]['caught'], np.mean([rows[n][c] for c in pos])))
+    second = max((n for n in rows if n != best), key=lambda n: (rows[n]['caught'], np.mean([rows[n][c] for c in pos])))
+    print(f"\nwinner: {best}: caught {rows[best]['caught']:.2f}, mean AUC {np.mean([rows[best][c] for c in pos]):.4f}, 'all' {rows[best]['all']:.4f}; "
+          f"runner-up {second}: caught {rows[second]['caught']:.2f}, mean AUC {np.mean([rows[second][c] for c in pos]):.4f}")
+    by_class(pixel_search(spaces[best.split(':')[0]], x_tr), pos, y_pos, x_te, d['test_labels'].ravel())
+
+def by_class(search, positives:dict, y_pos, x_test, y_test, blank:int=1):
+    "AUC of each perturbation without the background class (`blank`) and for it alone."
+    neg = copy_score(search(x_test))
+    def auc(p, n): return roc_auc_score(np.r_[np.ones(len(p)), np.zeros(len(n))], -np.r_[p, n])
+    for name, x in positives.items():
+        s, kp, kn = copy_score(search(x)), y_pos != blank, y_test != blank
+        print(f"  {name}: without background {auc(s[kp], neg[kn]):.4f}; background alone {auc(s[~kp], neg[~kn]):.4f}")
+
+if __name__ == '__main__':
+    main()
