@@ -440,14 +440,12 @@ def mixed_precision(precision:str) -> str:
 # %% ../nbs/00_config.ipynb #ff869ee6
 def _same_bytes(a:Path, b:Path, limit:int=64<<20) -> bool:
     "Whether the files `a` and `b` hold the same bytes (files over `limit` bytes are never compared)."
-    if not (a.is_file() and b.is_file()) or b.is_symlink(): return False
-    size = a.stat().st_size
-    return size == b.stat().st_size and size <= limit and a.read_bytes() == b.read_bytes()
+    return (a.is_file() and b.is_file() and not b.is_symlink() and a.stat().st_size == b.stat().st_size <= limit
+            and a.read_bytes() == b.read_bytes())
 
 @contextlib.contextmanager
 def atomic_path(dest:str|Path):
-    """Yield a temporary path beside `dest`; on success it is renamed to `dest`, on error removed. A file with the
-    bytes `dest` already holds leaves `dest` untouched, so its time stamp says when its content last changed."""
+    "Yield a temporary path beside `dest`; on success it replaces `dest` (unless its bytes are the same), on error goes."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent/f".{dest.name}.tmp-{os.getpid()}"
@@ -483,9 +481,8 @@ def write_jsonl(path:str|Path, rows):
 
 def read_jsonl(path:str|Path, *, missing_ok:bool=False) -> list[dict]:
     "Read a JSON-lines file (empty lines are skipped); with `missing_ok`, a missing file reads as no rows."
-    path = Path(path)
-    if missing_ok and not path.exists(): return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    if missing_ok and not Path(path).exists(): return []
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 def save_png(img,                 # a PIL image, or a uint8 H×W×3 array
              dest:str|Path) -> Path:

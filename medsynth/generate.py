@@ -143,7 +143,7 @@ def _run_generate(P:Params,                 # resolved parameters
     todo = [r for r in plan if r['file_name'] not in have]
     if not todo and done.get('status') == 'complete' and (gdir/'generated.png').exists():
         print(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
-        return done                                            # a finished round 0 is left as it is, stamp included
+        return {**done, 'generated': 0, 'seconds': 0.0, 'images_per_second': None}   # its stamp and figure untouched
     write_json(stamp, dict(key=key, status='running'))
     t = time.time()
     if todo:
