@@ -14,11 +14,12 @@ from .config import (Params, resolve_path, resolve_device, resolve_precision, to
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'stem_for', 'resnet18', 'Classifier', 'imagenet_state_dict',
-           'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment', 'macro_auc', 'score',
-           'image_files', 'dihedral', 'predict', 'new_classifier', 'fit_classifier', 'save_classifier',
-           'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion', 'fit_kwargs',
-           'classifier_complete', 'run_classify']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'ROBUSTNESS', 'stem_for', 'resnet18', 'Classifier',
+           'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
+           'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'random_degrade', 'macro_auc', 'score',
+           'image_files', 'dihedral', 'predict', 'jpeg', 'brightness_contrast', 'perturb', 'robustness',
+           'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier', 'shuffled_label_check',
+           'plot_history', 'plot_confusion', 'fit_kwargs', 'classifier_complete', 'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
 from .config import ArtefactError, check_safetensors
@@ -191,9 +192,11 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
             *, flips:bool=True,    # random horizontal flips (and vertical ones for non-square images)
             rot90:bool=True,       # random multiples of 90° (square images)
             translate:float=0.0,   # random shifts of up to this fraction of the image size (reflected borders)
-            jitter:float=0.1       # colour jitter strength j (0: none)
+            jitter:float=0.1,      # colour jitter strength j (0: none)
+            stain:float=0.0,       # HED stain shift strength s (`random_stain`; 0: none)
+            degrade:float=0.0      # fraction of images given a resize round trip or a blur (`random_degrade`)
            ) -> torch.Tensor:
-    "Random flips, 90° rotations, small shifts and mild colour jitter, drawn per image, applied to the batch on its device."
+    "Random flips, 90° rotations, shifts, resizes/blurs, stain shifts and colour jitter, drawn per image, on the batch's device."
     n, dev = x.shape[0], x.device
     if flips:
         x = torch.where((torch.rand(n, device=dev) < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
@@ -206,6 +209,8 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
             out[sel] = torch.rot90(x[sel], r, (2, 3))
         x = out
     if translate > 0: x = _translate(x, round(translate * min(x.shape[2:])))
+    if degrade > 0: x = random_degrade(x, degrade)
+    if stain > 0: x = random_stain(x, stain)
     if jitter > 0:
         u = lambda: 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * jitter
         x = x * u()
@@ -217,6 +222,62 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
         x = torch.einsum('nij,njhw->nihw', _hue_rotation(theta), x)
         x = x.clamp(0, 1)
     return x
+
+# %% ../nbs/02_classify.ipynb #169dcda8
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])   # Ruifrok & Johnston: H, E, DAB
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_OD_UNIT = -math.log(1e-6)          # scikit-image's rgb2hed divides optical density by this: Tellez's strengths are in its units
+
+def hed_shift(x:torch.Tensor,       # float images in [0, 1], N×3×H×W
+              alpha:torch.Tensor,   # N×3: each stain's concentration is multiplied by this (1: unchanged)
+              beta:torch.Tensor     # N×3: ... and moved by this (0: unchanged)
+             ) -> torch.Tensor:
+    "Tellez et al.'s HED stain shift: RGB → haematoxylin, eosin, DAB concentrations, `c·alpha + beta`, → RGB."
+    m = _RGB_FROM_HED.to(x.device)
+    od = -torch.log(x.clamp(1e-6, 1)) / _OD_UNIT
+    hed = torch.einsum('nchw,cd->ndhw', od, torch.linalg.inv(m)) * alpha[..., None, None] + beta[..., None, None]
+    return torch.exp(-torch.einsum('ndhw,dc->nchw', hed, m) * _OD_UNIT).clamp(0, 1)
+
+def _uniform(shape, lo:float, hi:float, g:torch.Generator|None=None, device=None) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(shape, generator=g)).to(device)
+
+def random_stain(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "`hed_shift` with α in `[1-s, 1+s]` and β in `[-s, s]` drawn per image and stain."
+    n = len(x)
+    return hed_shift(x, _uniform((n, 3), 1 - s, 1 + s, g, x.device), _uniform((n, 3), -s, s, g, x.device))
+
+def _resize(x:torch.Tensor, size:int, mode:str) -> torch.Tensor:
+    aa = dict(antialias=True, align_corners=False) if mode in ('bilinear', 'bicubic') else {}
+    return F.interpolate(x, size=(size, size), mode=mode, **aa).clamp(0, 1)
+
+def resample(x:torch.Tensor, scale:float, mode:str='bilinear') -> torch.Tensor:
+    "A resize round trip: down to `scale` × the size with `mode` (bilinear, bicubic, area), and back up with it."
+    s = x.shape[-1]
+    return _resize(_resize(x, max(2, round(s * scale)), mode), s, mode)
+
+def from_larger(x:torch.Tensor, factor:float, mode:str='bilinear') -> torch.Tensor:
+    "The image made `factor` × larger (bicubic) and brought back to its size with `mode`: a larger scan, resized."
+    s = x.shape[-1]
+    return _resize(_resize(x, round(s * factor), 'bicubic'), s, mode)
+
+def blur(x:torch.Tensor, sigma:float) -> torch.Tensor:
+    "A Gaussian blur of standard deviation `sigma` px (reflected borders)."
+    from torchvision.transforms.v2.functional import gaussian_blur
+    k = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur(x, [k, k], [sigma, sigma])
+
+def random_degrade(x:torch.Tensor, p:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "A fraction `p` of the images get a resize round trip (scale 0.5-0.9, bilinear, bicubic or area) or a blur (σ 0.3-1 px)."
+    n = len(x)
+    pick = torch.randint(0, 4, (n,), generator=g).to(x.device)
+    hit = _uniform((n,), 0, 1, g, x.device) < p
+    out = x.clone()
+    for k, mode in enumerate(('bilinear', 'bicubic', 'area')):
+        sel = hit & (pick == k)
+        if sel.any(): out[sel] = resample(x[sel], float(_uniform((), 0.5, 0.9, g)), mode)
+    sel = hit & (pick == 3)
+    if sel.any(): out[sel] = blur(x[sel], float(_uniform((), 0.3, 1.0, g)))
+    return out
 
 # %% ../nbs/02_classify.ipynb #8cd9314e
 def macro_auc(y_true, probs) -> float:
@@ -351,6 +412,63 @@ def predict(model:Classifier,            # a trained `Classifier`
     if files is not None: out['files'] = [str(f) for f in files]
     return out
 
+# %% ../nbs/02_classify.ipynb #c7f1e8bd
+def jpeg(x:torch.Tensor, quality:int) -> torch.Tensor:
+    "A JPEG round trip at `quality` (torchvision's encoder, on the CPU)."
+    from torchvision.transforms.v2.functional import jpeg as _jpeg
+    u8 = (x.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    return _jpeg(u8, quality).float().div(255).to(x.device)
+
+def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "Brightness and contrast each scaled by `1 ± s`, the signs drawn per image."
+    n = len(x)
+    sign = lambda: (torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1).to(x.device)
+    x = x * (1 + s * sign())
+    m = x.mean((1, 2, 3), keepdim=True)
+    return ((x - m) * (1 + s * sign()) + m).clamp(0, 1)
+
+ROBUSTNESS = {  # name: (perturbation of [0, 1] images given a strength and a seeded generator, mild, strong)
+    **{f'resize round trip, {m}': (lambda x, s, g, m=m: resample(x, s, m), 0.75, 0.5) for m in ('bilinear', 'bicubic', 'area')},
+    **{f'from larger, {m}': (lambda x, s, g, m=m: from_larger(x, s, m), 2, 8) for m in ('bilinear', 'bicubic', 'area')},
+    'Gaussian blur': (lambda x, s, g: blur(x, s), 0.5, 1.0),
+    'JPEG quality': (lambda x, q, g: jpeg(x, q), 75, 50),
+    'HED stain shift': (random_stain, 0.05, 0.1),
+    'brightness/contrast': (brightness_contrast, 0.1, 0.2),
+}
+
+def perturb(x:torch.Tensor,        # uint8 images N×3×H×W
+            name:str,              # a key of `ROBUSTNESS`
+            strength,              # its strength (see the table)
+            *, seed:int=0) -> torch.Tensor:
+    "`x` under the perturbation `name` at `strength`, as uint8 images; the same seed draws the same perturbations."
+    fn = ROBUSTNESS[name][0]
+    g = torch.Generator().manual_seed(seed)
+    return (fn(x.float().div(255), strength, g) * 255).round().clamp(0, 255).to(torch.uint8)
+
+def robustness(model:Classifier,          # a trained classifier
+               x, y,                      # real test images (anything `images_tensor` takes) and their labels
+               classes:list[str],         # class names in label order
+               *, seed:int=0,             # seeds the perturbations
+               names=None,                # perturbations to run (default: all of `ROBUSTNESS`)
+               **predict_kw) -> dict:     # `predict`'s settings (batch_size, device, tta, ...)
+    "Accuracy and macro F1 on `x` clean and under each perturbation at its two strengths, with the drops from clean."
+    x = images_tensor(x)
+    def _score(xx):
+        s = score(y, predict(model, xx, progress=False, **predict_kw)['probs'], classes)
+        return dict(accuracy=round(s['accuracy'], 4), macro_f1=round(s['macro_f1'], 4))
+    clean = _score(x)
+    out = dict(n=len(x), seed=seed, clean=clean, perturbations={})
+    for name in names or ROBUSTNESS:
+        rows = {}
+        for level, strength in zip(('mild', 'strong'), ROBUSTNESS[name][1:]):
+            r = _score(perturb(x, name, strength, seed=seed))
+            rows[level] = dict(strength=strength, **r, drop=round(clean['accuracy'] - r['accuracy'], 4),
+                               drop_f1=round(clean['macro_f1'] - r['macro_f1'], 4))
+        out['perturbations'][name] = rows
+    for level in ('mild', 'strong'):
+        out[f'worst_drop_{level}'] = max((p[level]['drop'] for p in out['perturbations'].values()), default=0.0)
+    return out
+
 # %% ../nbs/02_classify.ipynb #6846a80b
 def _seed_all(seed:int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -436,7 +554,7 @@ def _optimiser(model, *, lr:float, weight_decay:float, warmup:float, steps:int, 
     return _Optimiser(opt, sched, scaler, autocast)
 
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 augment_images:bool, translate:float, jitter:float, num_workers:int=0) -> dict:
+                 aug:dict, num_workers:int=0) -> dict:
     "One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`."
     model.train()
     perm = torch.randperm(len(x))[:n_used]
@@ -445,8 +563,7 @@ def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, devic
     for idx, xb in zip(batches, _batches(x, batches, num_workers)):
         xb = xb.to(device, non_blocking=True).float().div_(255)
         yb = y[idx].to(device, non_blocking=True)
-        if augment_images or jitter > 0 or translate > 0:
-            xb = augment(xb, flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter)
+        if any(aug.values()): xb = augment(xb, **aug)
         with o.autocast:
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
@@ -532,6 +649,8 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    augment_images:bool=True,      # flips and 90° rotations
                    translate:float=0.07,          # random shifts up to this fraction of the image size (0: none)
                    jitter:float=0.1,              # colour jitter strength (0: none)
+                   stain:float=0.0,               # HED stain shift strength (0: none)
+                   degrade:float=0.0,             # fraction of images resized or blurred (0: none)
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -554,16 +673,17 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
     n_used = len(x) - (len(x) % batch_size == 1)  # a last batch of one would break BatchNorm: it is dropped
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
+    aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               augment=augment_images, translate=translate, jitter=jitter, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
+               **aug, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save = time.time()
     bar = progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   augment_images=augment_images, translate=translate, jitter=jitter, num_workers=num_workers))
+                                                   aug=aug, num_workers=num_workers))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
         t_train += time.time() - t0
         row['seconds'] = round(t_train, 2)
@@ -677,7 +797,8 @@ def fit_kwargs(P:Params) -> dict:
     return dict(batch_size=P.classifier_batch_size, lr=P.classifier_lr, weight_decay=P.classifier_weight_decay,
                 label_smoothing=P.classifier_label_smoothing, warmup=P.classifier_warmup, weights=P.classifier_weights,
                 image_size=P.classifier_image_size, stem=P.classifier_stem, augment_images=P.classifier_augment,
-                translate=P.classifier_translate, jitter=P.classifier_jitter, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
+                translate=P.classifier_translate, jitter=P.classifier_jitter,
+                stain=P.classifier_stain, degrade=P.classifier_degrade, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
                 device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
 # %% ../nbs/02_classify.ipynb #94cd4cb4
