@@ -18,8 +18,9 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'ROBUSTNESS'
            'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
            'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'random_degrade', 'macro_auc', 'score',
            'image_files', 'dihedral', 'predict', 'jpeg', 'brightness_contrast', 'perturb', 'robustness',
-           'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier', 'shuffled_label_check',
-           'plot_history', 'plot_confusion', 'fit_kwargs', 'classifier_complete', 'run_classify']
+           'robustness_sample', 'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier',
+           'shuffled_label_check', 'plot_history', 'plot_confusion', 'plot_robustness', 'fit_kwargs',
+           'classifier_complete', 'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
 from .config import ArtefactError, check_safetensors
@@ -412,7 +413,7 @@ def predict(model:Classifier,            # a trained `Classifier`
     if files is not None: out['files'] = [str(f) for f in files]
     return out
 
-# %% ../nbs/02_classify.ipynb #c7f1e8bd
+# %% ../nbs/02_classify.ipynb #fddfef17
 def jpeg(x:torch.Tensor, quality:int) -> torch.Tensor:
     "A JPEG round trip at `quality` (torchvision's encoder, on the CPU)."
     from torchvision.transforms.v2.functional import jpeg as _jpeg
@@ -427,6 +428,8 @@ def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) ->
     m = x.mean((1, 2, 3), keepdim=True)
     return ((x - m) * (1 + s * sign()) + m).clamp(0, 1)
 
+
+# %% ../nbs/02_classify.ipynb #c7f1e8bd
 ROBUSTNESS = {  # name: (perturbation of [0, 1] images given a strength and a seeded generator, mild, strong)
     **{f'resize round trip, {m}': (lambda x, s, g, m=m: resample(x, s, m), 0.75, 0.5) for m in ('bilinear', 'bicubic', 'area')},
     **{f'from larger, {m}': (lambda x, s, g, m=m: from_larger(x, s, m), 2, 8) for m in ('bilinear', 'bicubic', 'area')},
@@ -468,6 +471,14 @@ def robustness(model:Classifier,          # a trained classifier
     for level in ('mild', 'strong'):
         out[f'worst_drop_{level}'] = max((p[level]['drop'] for p in out['perturbations'].values()), default=0.0)
     return out
+
+# %% ../nbs/02_classify.ipynb #38ae4178
+def robustness_sample(x, y, n:int, *, seed:int=0) -> tuple[torch.Tensor, np.ndarray]:
+    "At most `n` of the images `x` (a tensor or `ImageFiles`) and their labels `y`, a seeded sample, as a uint8 tensor."
+    y = np.asarray(y).reshape(-1)
+    idx = np.arange(len(y)) if len(y) <= n else np.sort(np.random.default_rng(seed).choice(len(y), n, replace=False))
+    if isinstance(x, ImageFiles): return torch.stack([_ImageFiles(x.files, None)[i] for i in idx]) if len(idx) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8), y[idx]
+    return images_tensor(x)[torch.from_numpy(idx)], y[idx]
 
 # %% ../nbs/02_classify.ipynb #6846a80b
 def _seed_all(seed:int):
@@ -666,8 +677,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                   ) -> tuple[Classifier, list[dict]]:  # the best epoch's model (eval mode) and one history row per epoch
     "Train a ResNet-18 `Classifier` on arrays; keep the epoch with the best validation macro AUC."
     dev = resolve_device(device) if device is None or isinstance(device, str) else torch.device(device)
-    prec = resolve_precision(precision, dev)
-    _seed_all(seed)
+    prec = resolve_precision(precision, dev); _seed_all(seed)
     x, y, xv, yv = _training_sets(x_train, y_train, x_val, y_val, n_classes)
     model = new_classifier(x, n_classes, image_size=image_size, stem=stem, weights=weights, classes=classes, tta=tta, device=dev)
     if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
@@ -678,16 +688,13 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
                **aug, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
-    last_save = time.time()
-    bar = progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
+    last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
                                                    aug=aug, num_workers=num_workers))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
-        t_train += time.time() - t0
-        row['seconds'] = round(t_train, 2)
-        history.append(row)
+        t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
         if checkpoint and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
@@ -791,6 +798,29 @@ def plot_confusion(confusion,                 # C×C counts, rows = true classes
     _save_fig(fig, path)
     return fig
 
+# %% ../nbs/02_classify.ipynb #50042d49
+def plot_robustness(rob:dict,                  # `robustness`'s result
+                    path:str|Path|None=None,   # save as PNG here
+                    *, goals=(0.05, 0.15)      # the largest drops accepted at the mild and the strong strength (dashed)
+                   ):
+    "Accuracy under each perturbation at its two strengths, against the clean accuracy and the accepted drops."
+    import matplotlib.pyplot as plt
+    names, clean = list(rob['perturbations']), rob['clean']['accuracy']
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
+    ys = np.arange(len(names))
+    for k, (level, colour) in enumerate((('mild', 'C0'), ('strong', 'C3'))):
+        acc = [rob['perturbations'][n][level]['accuracy'] for n in names]
+        lab = [f"{n} ({rob['perturbations'][n][level]['strength']})" for n in names]
+        ax.barh(ys + (k - 0.5) * 0.38, acc, height=0.36, color=colour, label=f'{level}')
+    ax.axvline(clean, color='k', lw=1.2, label=f'clean ({clean:.3f})')
+    for g, colour in zip(goals, ('C0', 'C3')): ax.axvline(clean - g, color=colour, ls='--', lw=1, label=f'clean − {g}')
+    ax.set_yticks(ys); ax.set_yticklabels([f"{n}: {rob['perturbations'][n]['mild']['strength']} / {rob['perturbations'][n]['strong']['strength']}" for n in names], fontsize=8)
+    ax.invert_yaxis(); ax.set_xlim(0, 1); ax.set_xlabel(f"test accuracy (n={rob['n']})"); ax.grid(axis='x', alpha=.3)
+    ax.set_title("the judge under perturbations (mild / strong strength)", fontsize=10); ax.legend(fontsize=7, loc='lower left')
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return fig
+
 # %% ../nbs/02_classify.ipynb #979b724b
 def fit_kwargs(P:Params) -> dict:
     "`fit_classifier`'s training settings from the `classifier_*` keys of `P` (device, precision and seed included)."
@@ -858,9 +888,14 @@ def run_classify(P:Params,             # resolved parameters
         if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))
     plt.close(plot_history(history, out/'training_curves.png'))
+    if P.classifier_robustness:
+        xs, ys = robustness_sample(xte, yte, P.classifier_robustness, seed=P.seed)
+        metrics['robustness'] = robustness(model, xs, ys, names, seed=P.seed, batch_size=P.classifier_eval_batch_size, device=kw['device'])
+        plt.close(plot_robustness(metrics['robustness'], out/'robustness.png'))
     write_json(out/'metrics.json', metrics)
     (out/'checkpoint.pt').unlink(missing_ok=True)
-    t = metrics['test']
+    t, r = metrics['test'], metrics.get('robustness')
     print(f"classify: test accuracy {t['accuracy']:.3f}, macro AUC {t['macro_auc']:.3f}, macro F1 {t['macro_f1']:.3f} "
-          f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}")
+          f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}"
+          + (f"; under perturbations its accuracy drops by at most {r['worst_drop_mild']:.3f} (mild) / {r['worst_drop_strong']:.3f} (strong)" if r else ''))
     return metrics

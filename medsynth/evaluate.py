@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from .config import Params, read_json, write_json, write_text, read_jsonl, atomic_path, params_hash
 from .data import load_classes, load_split, read_images
-from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs
+from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs, plot_robustness
 from .selfcheck import load_candidates, candidate_path, plot_acceptance, describe_acceptance
 
 # %% auto #0
@@ -323,6 +323,9 @@ def headline_rows(m:dict) -> list[list]:
     return [
         ['judge on the real test set: accuracy', g('real_test', 'accuracy'), g('real_test', 'n'), 'how far the judge can be trusted'],
         ['judge on the real test set: macro F1', g('real_test', 'macro_f1'), g('real_test', 'n'), f"macro AUC {_fmt(g('real_test', 'macro_auc'))}"],
+        ['judge under perturbations: largest accuracy drop, mild / strong',
+         f"{_fmt(g('judge_robustness', 'worst_drop_mild'))} / {_fmt(g('judge_robustness', 'worst_drop_strong'))}", g('judge_robustness', 'n'),
+         'resizes, blur, JPEG, stain and brightness a user\'s images bring (classifier/metrics.json: robustness)'],
         ['generated, before filtering: macro F1', g('generated', 'macro_f1'), g('generated', 'n'), 'prompted class vs the judge (paper: 0.673 on 90)'],
         ['generated, before filtering: accuracy', g('generated', 'accuracy'), g('generated', 'n'), ''],
         ['self-check: acceptance rate', g('selfcheck', 'acceptance_rate'), g('selfcheck', 'n'), f"accepted {_fmt(g('selfcheck', 'n_accepted'))} in {_fmt(g('selfcheck', 'rounds_used'))} regeneration round(s)"],
@@ -598,6 +601,9 @@ def _score_figures(rd:Path, names:list[str], m:dict, *, steps:int, batch_size:in
     real_only, mixed = cas_block['real_same_recipe'], aug_block['real_plus_synthetic']
     plan = [('real_test_confusion.png', lambda: plot_prompt_confusion(real_test['confusion'], names, title='the judge on the real test set', ylabel='true class'),
              f"The judge on the real test set: accuracy {_fmt(real_test['accuracy'])}, macro F1 {_fmt(real_test['macro_f1'])} (n={real_test['n']}).")]
+    if m.get('judge_robustness'):
+        plan.append(('judge_robustness.png', lambda: plot_robustness(m['judge_robustness']),
+                     f"The judge on the real test set under perturbations a user's images bring, each at a milder and a stronger strength (n={m['judge_robustness']['n']}): the dashed lines are drops of 0.05 and 0.15 from its clean accuracy."))
     if generated['n']:
         plan += [('generated_prf.png', lambda: plot_prf(generated),
                   f"Generated images before filtering (every round-0 candidate, n={generated['n']}): per-class precision, recall and F1 of the prompted class against the judge's prediction."),
@@ -659,6 +665,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     x_te, y_te = load_split(rd, 'test')
     p_te = predict_fn(x_te)
     real_test = prompt_scores(y_te, p_te['probs'], names)
+    judge_robustness = read_json(rd/'classifier'/'metrics.json').get('robustness') if (rd/'classifier'/'metrics.json').is_file() else None
     lap('judge on real')
     cands = _judge_candidates(rd, predict_fn, size=x_te.shape[1], n_classes=len(names), feature_dim=p_te['features'].shape[1])
     generated = prompt_scores(cands.labels[cands.before_idx], cands.judge['probs'][cands.before_idx], names)
@@ -677,7 +684,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                            kid_subsets=kid_subsets, prdc_k=prdc_k, seed=seed, inception_weights=inception_weights, device=device)
     if 'skipped' in dist['inception']: notes.append(f"Inception FID/KID skipped: {dist['inception']['skipped']}")
     lap('distances')
-    metrics = dict(real_test=real_test, generated=generated, accepted=_accepted_block(cands, names), selfcheck=sc, cas=cas_block,
+    metrics = dict(real_test=real_test, **({'judge_robustness': judge_robustness} if judge_robustness else {}), generated=generated, accepted=_accepted_block(cands, names), selfcheck=sc, cas=cas_block,
                    augmentation=aug_block, distances=dist, timings=timings, params=params or {})
     plan = (_score_figures(rd, names, metrics, steps=steps, batch_size=batch_size, eval_repeats=eval_repeats, recipe=recipe)
             + _image_figures(rd, names, cands, x_te, y_te, size=x_te.shape[1], grid_per_class=grid_per_class, rejected_shown=rejected_shown))
