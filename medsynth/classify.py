@@ -326,12 +326,16 @@ def image_files(folder:str|Path) -> list[Path]:
 
 # %% ../nbs/02_classify.ipynb #0d8b4683
 class _ImageFiles(torch.utils.data.Dataset):
-    "Image files decoded (the data stage's `read_image`) to uint8 3×S×S tensors, resized as `Classifier.prepare` resizes arrays; `size` None: as stored."
-    def __init__(self, files, size:int|None): self.files, self.size = [Path(f) for f in files], size
+    """Image files decoded (the data stage's `read_image`) to uint8 3×S×S tensors; `size` None: as stored. A file not of
+    `data_size` is first made `data_size` px the way the data stage makes training images (centre crop, PIL bicubic)."""
+    def __init__(self, files, size:int|None, data_size:int|None=None):
+        self.files, self.size, self.data_size = [Path(f) for f in files], size, data_size
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
         f, s = self.files[i], self.size
-        try: a = read_image(f)
+        try:
+            a = read_image(f)
+            if self.data_size and a.shape[:2] != (self.data_size,) * 2: a = read_image(f, size=self.data_size)
         except BadImage as e: raise BadImage(f"{f}: {e}") from None
         x = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
         if s and tuple(x.shape[1:]) != (s, s):  # files of other sizes can share a batch
@@ -367,6 +371,13 @@ def _autocast(device, precision:str):
     return torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32 and device.type in ('cuda', 'cpu'))
 
 # %% ../nbs/02_classify.ipynb #ffa93dae
+def _resize_rule(model:Classifier, files:bool) -> str:
+    "How `predict` brings images of another size to the model's, in words."
+    d, s = model.meta.get('data_size'), model.image_size
+    rule = f"files not of {d}x{d} px: centre crop and PIL bicubic to {d} px, as the data stage makes training images" if files and d else ''
+    inner = f"images not of {s}x{s} px: bilinear (antialiased) to {s} px inside the model"
+    return f"{rule}; then {inner}" if rule and d != s else (rule or inner)
+
 @torch.inference_mode()
 def predict(model:Classifier,            # a trained `Classifier`
             images,                      # uint8 array N×H×W×3 | tensor N×3×H×W | list of PIL images | list of files | a folder | `ImageFiles`
@@ -376,7 +387,7 @@ def predict(model:Classifier,            # a trained `Classifier`
             num_workers:int=0,           # DataLoader workers decoding files (files and folders)
             tta:bool|None=None,          # average over the 8 flips/rotations; None: the model's `meta['tta']`
             progress:bool|None=None      # progress bar; None: for files and folders
-           ) -> dict:                    # probs N×C, features N×512 (float32 arrays); files when read from files
+           ) -> dict:                    # probs N×C, features N×512 (float32 arrays); files when read from files; resize: how other sizes were resized
     "Class probabilities and 512-d penultimate features of `images`, batched; files and folders are streamed."
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -393,7 +404,7 @@ def predict(model:Classifier,            # a trained `Classifier`
     if files is not None:
         for f in files:
             if not f.is_file(): raise FileNotFoundError(f"{f}: no such image file")
-        dl = torch.utils.data.DataLoader(_ImageFiles(files, model.image_size), batch_size=batch_size, num_workers=num_workers,
+        dl = torch.utils.data.DataLoader(_ImageFiles(files, model.image_size, model.meta.get('data_size')), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=dev.type == 'cuda')
         bar = progress_bar(total=len(files), desc="classifying", unit='img', disable=progress is False)
         for xb in dl:
@@ -411,6 +422,7 @@ def predict(model:Classifier,            # a trained `Classifier`
     out = dict(probs=torch.cat(probs).numpy() if probs else np.zeros((0, C), np.float32),
                features=torch.cat(feats).numpy() if feats else np.zeros((0, 512), np.float32))
     if files is not None: out['files'] = [str(f) for f in files]
+    out['resize'] = _resize_rule(model, files is not None)
     return out
 
 # %% ../nbs/02_classify.ipynb #fddfef17
@@ -546,7 +558,7 @@ def new_classifier(x,                           # the training images (an image 
     mean, std = (_channel_stats(x) if weights in (None, '', 'none') else (IMAGENET_MEAN, IMAGENET_STD))
     model = Classifier(n_classes, image_size=size, stem=stem, mean=mean, std=std, classes=classes, tta=tta)
     not_loaded = init_weights(model, weights)
-    model.meta.update(weights=str(weights), not_loaded=not_loaded)
+    model.meta.update(weights=str(weights), not_loaded=not_loaded, data_size=int(x[0].shape[-1]))   # the training images' size
     return model.to(device).to(memory_format=torch.channels_last)
 
 class _Optimiser(NamedTuple):
