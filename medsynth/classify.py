@@ -14,10 +14,12 @@ from .config import (Params, resolve_path, resolve_device, resolve_precision, to
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'stem_for', 'resnet18', 'Classifier', 'imagenet_state_dict',
-           'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment', 'macro_auc', 'score',
-           'image_files', 'dihedral', 'predict', 'new_classifier', 'fit_classifier', 'save_classifier',
-           'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion', 'fit_kwargs',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'ROBUSTNESS', 'stem_for', 'resnet18', 'Classifier',
+           'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
+           'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'random_degrade', 'macro_auc', 'score',
+           'image_files', 'dihedral', 'predict', 'jpeg', 'brightness_contrast', 'perturb', 'robustness',
+           'robustness_sample', 'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier',
+           'shuffled_label_check', 'plot_history', 'plot_confusion', 'plot_robustness', 'fit_kwargs',
            'classifier_complete', 'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
@@ -191,9 +193,11 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
             *, flips:bool=True,    # random horizontal flips (and vertical ones for non-square images)
             rot90:bool=True,       # random multiples of 90° (square images)
             translate:float=0.0,   # random shifts of up to this fraction of the image size (reflected borders)
-            jitter:float=0.1       # colour jitter strength j (0: none)
+            jitter:float=0.1,      # colour jitter strength j (0: none)
+            stain:float=0.0,       # HED stain shift strength s (`random_stain`; 0: none)
+            degrade:float=0.0      # fraction of images given a resize round trip or a blur (`random_degrade`)
            ) -> torch.Tensor:
-    "Random flips, 90° rotations, small shifts and mild colour jitter, drawn per image, applied to the batch on its device."
+    "Random flips, 90° rotations, shifts, resizes/blurs, stain shifts and colour jitter, drawn per image, on the batch's device."
     n, dev = x.shape[0], x.device
     if flips:
         x = torch.where((torch.rand(n, device=dev) < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
@@ -206,6 +210,8 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
             out[sel] = torch.rot90(x[sel], r, (2, 3))
         x = out
     if translate > 0: x = _translate(x, round(translate * min(x.shape[2:])))
+    if degrade > 0: x = random_degrade(x, degrade)
+    if stain > 0: x = random_stain(x, stain)
     if jitter > 0:
         u = lambda: 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * jitter
         x = x * u()
@@ -217,6 +223,63 @@ def augment(x:torch.Tensor,        # float images in [0, 1], N×3×H×W, on any 
         x = torch.einsum('nij,njhw->nihw', _hue_rotation(theta), x)
         x = x.clamp(0, 1)
     return x
+
+# %% ../nbs/02_classify.ipynb #169dcda8
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])   # Ruifrok & Johnston: H, E, DAB
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+
+def hed_shift(x:torch.Tensor,       # float images in [0, 1], N×3×H×W
+              alpha:torch.Tensor,   # N×3: each stain's concentration is multiplied by this (1: unchanged)
+              beta:torch.Tensor     # N×3: ... and moved by this (0: unchanged)
+             ) -> torch.Tensor:
+    """Tellez et al.'s HED stain shift: RGB → haematoxylin, eosin, DAB concentrations, `c·alpha + beta`, → RGB.
+    Concentrations are optical densities (natural log), as in the augmenter of Tellez's lab; scikit-image's `rgb2hed`
+    divides them by 13.8, which makes the same `beta` 13.8 times stronger."""
+    m = _RGB_FROM_HED.to(x.device)
+    od = -torch.log(x.clamp(1e-6, 1))
+    hed = torch.einsum('nchw,cd->ndhw', od, torch.linalg.inv(m)) * alpha[..., None, None] + beta[..., None, None]
+    return torch.exp(-torch.einsum('ndhw,dc->nchw', hed, m)).clamp(0, 1)
+
+def _uniform(shape, lo:float, hi:float, g:torch.Generator|None=None, device=None) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(shape, generator=g)).to(device)
+
+def random_stain(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "`hed_shift` with α in `[1-s, 1+s]` and β in `[-s, s]` drawn per image and stain."
+    n = len(x)
+    return hed_shift(x, _uniform((n, 3), 1 - s, 1 + s, g, x.device), _uniform((n, 3), -s, s, g, x.device))
+
+def _resize(x:torch.Tensor, size:int, mode:str) -> torch.Tensor:
+    aa = dict(antialias=True, align_corners=False) if mode in ('bilinear', 'bicubic') else {}
+    return F.interpolate(x, size=(size, size), mode=mode, **aa).clamp(0, 1)
+
+def resample(x:torch.Tensor, scale:float, mode:str='bilinear') -> torch.Tensor:
+    "A resize round trip: down to `scale` × the size with `mode` (bilinear, bicubic, area), and back up with it."
+    s = x.shape[-1]
+    return _resize(_resize(x, max(2, round(s * scale)), mode), s, mode)
+
+def from_larger(x:torch.Tensor, factor:float, mode:str='bilinear') -> torch.Tensor:
+    "The image made `factor` × larger (bicubic) and brought back to its size with `mode`: a larger scan, resized."
+    s = x.shape[-1]
+    return _resize(_resize(x, round(s * factor), 'bicubic'), s, mode)
+
+def blur(x:torch.Tensor, sigma:float) -> torch.Tensor:
+    "A Gaussian blur of standard deviation `sigma` px (reflected borders)."
+    from torchvision.transforms.v2.functional import gaussian_blur
+    k = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur(x, [k, k], [sigma, sigma])
+
+def random_degrade(x:torch.Tensor, p:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "A fraction `p` of the images get a resize round trip (scale 0.5-0.9, bilinear, bicubic or area) or a blur (σ 0.3-1 px)."
+    n = len(x)
+    pick = torch.randint(0, 4, (n,), generator=g).to(x.device)
+    hit = _uniform((n,), 0, 1, g, x.device) < p
+    out = x.clone()
+    for k, mode in enumerate(('bilinear', 'bicubic', 'area')):
+        sel = hit & (pick == k)
+        if sel.any(): out[sel] = resample(x[sel], float(_uniform((), 0.5, 0.9, g)), mode)
+    sel = hit & (pick == 3)
+    if sel.any(): out[sel] = blur(x[sel], float(_uniform((), 0.3, 1.0, g)))
+    return out
 
 # %% ../nbs/02_classify.ipynb #8cd9314e
 def macro_auc(y_true, probs) -> float:
@@ -264,12 +327,16 @@ def image_files(folder:str|Path) -> list[Path]:
 
 # %% ../nbs/02_classify.ipynb #0d8b4683
 class _ImageFiles(torch.utils.data.Dataset):
-    "Image files decoded (the data stage's `read_image`) to uint8 3×S×S tensors, resized as `Classifier.prepare` resizes arrays; `size` None: as stored."
-    def __init__(self, files, size:int|None): self.files, self.size = [Path(f) for f in files], size
+    """Image files decoded (the data stage's `read_image`) to uint8 3×S×S tensors; `size` None: as stored. A file not of
+    `data_size` is first made `data_size` px the way the data stage makes training images (centre crop, PIL bicubic)."""
+    def __init__(self, files, size:int|None, data_size:int|None=None):
+        self.files, self.size, self.data_size = [Path(f) for f in files], size, data_size
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
         f, s = self.files[i], self.size
-        try: a = read_image(f)
+        try:
+            a = read_image(f)
+            if self.data_size and a.shape[:2] != (self.data_size,) * 2: a = read_image(f, size=self.data_size)
         except BadImage as e: raise BadImage(f"{f}: {e}") from None
         x = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
         if s and tuple(x.shape[1:]) != (s, s):  # files of other sizes can share a batch
@@ -305,6 +372,13 @@ def _autocast(device, precision:str):
     return torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32 and device.type in ('cuda', 'cpu'))
 
 # %% ../nbs/02_classify.ipynb #ffa93dae
+def _resize_rule(model:Classifier, files:bool) -> str:
+    "How `predict` brings images of another size to the model's, in words."
+    d, s = model.meta.get('data_size'), model.image_size
+    rule = f"files not of {d}x{d} px: centre crop and PIL bicubic to {d} px, as the data stage makes training images" if files and d else ''
+    inner = f"images not of {s}x{s} px: bilinear (antialiased) to {s} px inside the model"
+    return f"{rule}; then {inner}" if rule and d != s else (rule or inner)
+
 @torch.inference_mode()
 def predict(model:Classifier,            # a trained `Classifier`
             images,                      # uint8 array N×H×W×3 | tensor N×3×H×W | list of PIL images | list of files | a folder | `ImageFiles`
@@ -314,7 +388,7 @@ def predict(model:Classifier,            # a trained `Classifier`
             num_workers:int=0,           # DataLoader workers decoding files (files and folders)
             tta:bool|None=None,          # average over the 8 flips/rotations; None: the model's `meta['tta']`
             progress:bool|None=None      # progress bar; None: for files and folders
-           ) -> dict:                    # probs N×C, features N×512 (float32 arrays); files when read from files
+           ) -> dict:                    # probs N×C, features N×512 (float32 arrays); files when read from files; resize: how other sizes were resized
     "Class probabilities and 512-d penultimate features of `images`, batched; files and folders are streamed."
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -331,7 +405,7 @@ def predict(model:Classifier,            # a trained `Classifier`
     if files is not None:
         for f in files:
             if not f.is_file(): raise FileNotFoundError(f"{f}: no such image file")
-        dl = torch.utils.data.DataLoader(_ImageFiles(files, model.image_size), batch_size=batch_size, num_workers=num_workers,
+        dl = torch.utils.data.DataLoader(_ImageFiles(files, model.image_size, model.meta.get('data_size')), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=dev.type == 'cuda')
         bar = progress_bar(total=len(files), desc="classifying", unit='img', disable=progress is False)
         for xb in dl:
@@ -349,7 +423,75 @@ def predict(model:Classifier,            # a trained `Classifier`
     out = dict(probs=torch.cat(probs).numpy() if probs else np.zeros((0, C), np.float32),
                features=torch.cat(feats).numpy() if feats else np.zeros((0, 512), np.float32))
     if files is not None: out['files'] = [str(f) for f in files]
+    out['resize'] = _resize_rule(model, files is not None)
     return out
+
+# %% ../nbs/02_classify.ipynb #fddfef17
+def jpeg(x:torch.Tensor, quality:int) -> torch.Tensor:
+    "A JPEG round trip at `quality` (torchvision's encoder, on the CPU)."
+    from torchvision.transforms.v2.functional import jpeg as _jpeg
+    u8 = (x.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    return _jpeg(u8, quality).float().div(255).to(x.device)
+
+def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
+    "Brightness and contrast each scaled by `1 ± s`, the signs drawn per image."
+    n = len(x)
+    sign = lambda: (torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1).to(x.device)
+    x = x * (1 + s * sign())
+    m = x.mean((1, 2, 3), keepdim=True)
+    return ((x - m) * (1 + s * sign()) + m).clamp(0, 1)
+
+
+# %% ../nbs/02_classify.ipynb #c7f1e8bd
+ROBUSTNESS = {  # name: (perturbation of [0, 1] images given a strength and a seeded generator, mild, strong)
+    **{f'resize round trip, {m}': (lambda x, s, g, m=m: resample(x, s, m), 0.75, 0.5) for m in ('bilinear', 'bicubic', 'area')},
+    **{f'from larger, {m}': (lambda x, s, g, m=m: from_larger(x, s, m), 2, 8) for m in ('bilinear', 'bicubic', 'area')},
+    'Gaussian blur': (lambda x, s, g: blur(x, s), 0.5, 1.0),
+    'JPEG quality': (lambda x, q, g: jpeg(x, q), 75, 50),
+    'HED stain shift': (random_stain, 0.05, 0.1),
+    'brightness/contrast': (brightness_contrast, 0.1, 0.2),
+}
+
+def perturb(x:torch.Tensor,        # uint8 images N×3×H×W
+            name:str,              # a key of `ROBUSTNESS`
+            strength,              # its strength (see the table)
+            *, seed:int=0) -> torch.Tensor:
+    "`x` under the perturbation `name` at `strength`, as uint8 images; the same seed draws the same perturbations."
+    fn = ROBUSTNESS[name][0]
+    g = torch.Generator().manual_seed(seed)
+    return (fn(x.float().div(255), strength, g) * 255).round().clamp(0, 255).to(torch.uint8)
+
+def robustness(model:Classifier,          # a trained classifier
+               x, y,                      # real test images (anything `images_tensor` takes) and their labels
+               classes:list[str],         # class names in label order
+               *, seed:int=0,             # seeds the perturbations
+               names=None,                # perturbations to run (default: all of `ROBUSTNESS`)
+               **predict_kw) -> dict:     # `predict`'s settings (batch_size, device, tta, ...)
+    "Accuracy and macro F1 on `x` clean and under each perturbation at its two strengths, with the drops from clean."
+    x = images_tensor(x)
+    def _score(xx):
+        s = score(y, predict(model, xx, progress=False, **predict_kw)['probs'], classes)
+        return dict(accuracy=round(s['accuracy'], 4), macro_f1=round(s['macro_f1'], 4))
+    clean = _score(x)
+    out = dict(n=len(x), seed=seed, clean=clean, perturbations={})
+    for name in names or ROBUSTNESS:
+        rows = {}
+        for level, strength in zip(('mild', 'strong'), ROBUSTNESS[name][1:]):
+            r = _score(perturb(x, name, strength, seed=seed))
+            rows[level] = dict(strength=strength, **r, drop=round(clean['accuracy'] - r['accuracy'], 4),
+                               drop_f1=round(clean['macro_f1'] - r['macro_f1'], 4))
+        out['perturbations'][name] = rows
+    for level in ('mild', 'strong'):
+        out[f'worst_drop_{level}'] = max((p[level]['drop'] for p in out['perturbations'].values()), default=0.0)
+    return out
+
+# %% ../nbs/02_classify.ipynb #38ae4178
+def robustness_sample(x, y, n:int, *, seed:int=0) -> tuple[torch.Tensor, np.ndarray]:
+    "At most `n` of the images `x` (a tensor or `ImageFiles`) and their labels `y`, a seeded sample, as a uint8 tensor."
+    y = np.asarray(y).reshape(-1)
+    idx = np.arange(len(y)) if len(y) <= n else np.sort(np.random.default_rng(seed).choice(len(y), n, replace=False))
+    if isinstance(x, ImageFiles): return torch.stack([_ImageFiles(x.files, None)[i] for i in idx]) if len(idx) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8), y[idx]
+    return images_tensor(x)[torch.from_numpy(idx)], y[idx]
 
 # %% ../nbs/02_classify.ipynb #6846a80b
 def _seed_all(seed:int):
@@ -417,7 +559,7 @@ def new_classifier(x,                           # the training images (an image 
     mean, std = (_channel_stats(x) if weights in (None, '', 'none') else (IMAGENET_MEAN, IMAGENET_STD))
     model = Classifier(n_classes, image_size=size, stem=stem, mean=mean, std=std, classes=classes, tta=tta)
     not_loaded = init_weights(model, weights)
-    model.meta.update(weights=str(weights), not_loaded=not_loaded)
+    model.meta.update(weights=str(weights), not_loaded=not_loaded, data_size=int(x[0].shape[-1]))   # the training images' size
     return model.to(device).to(memory_format=torch.channels_last)
 
 class _Optimiser(NamedTuple):
@@ -436,7 +578,7 @@ def _optimiser(model, *, lr:float, weight_decay:float, warmup:float, steps:int, 
     return _Optimiser(opt, sched, scaler, autocast)
 
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 augment_images:bool, translate:float, jitter:float, num_workers:int=0) -> dict:
+                 aug:dict, num_workers:int=0) -> dict:
     "One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`."
     model.train()
     perm = torch.randperm(len(x))[:n_used]
@@ -445,8 +587,7 @@ def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, devic
     for idx, xb in zip(batches, _batches(x, batches, num_workers)):
         xb = xb.to(device, non_blocking=True).float().div_(255)
         yb = y[idx].to(device, non_blocking=True)
-        if augment_images or jitter > 0 or translate > 0:
-            xb = augment(xb, flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter)
+        if any(aug.values()): xb = augment(xb, **aug)
         with o.autocast:
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
@@ -532,6 +673,8 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    augment_images:bool=True,      # flips and 90° rotations
                    translate:float=0.07,          # random shifts up to this fraction of the image size (0: none)
                    jitter:float=0.1,              # colour jitter strength (0: none)
+                   stain:float=0.0,               # HED stain shift strength (0: none)
+                   degrade:float=0.0,             # fraction of images resized or blurred (0: none)
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -547,27 +690,24 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                   ) -> tuple[Classifier, list[dict]]:  # the best epoch's model (eval mode) and one history row per epoch
     "Train a ResNet-18 `Classifier` on arrays; keep the epoch with the best validation macro AUC."
     dev = resolve_device(device) if device is None or isinstance(device, str) else torch.device(device)
-    prec = resolve_precision(precision, dev)
-    _seed_all(seed)
+    prec = resolve_precision(precision, dev); _seed_all(seed)
     x, y, xv, yv = _training_sets(x_train, y_train, x_val, y_val, n_classes)
     model = new_classifier(x, n_classes, image_size=image_size, stem=stem, weights=weights, classes=classes, tta=tta, device=dev)
     if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
     n_used = len(x) - (len(x) % batch_size == 1)  # a last batch of one would break BatchNorm: it is dropped
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
+    aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               augment=augment_images, translate=translate, jitter=jitter, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
+               **aug, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
-    last_save = time.time()
-    bar = progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
+    last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   augment_images=augment_images, translate=translate, jitter=jitter, num_workers=num_workers))
+                                                   aug=aug, num_workers=num_workers))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
-        t_train += time.time() - t0
-        row['seconds'] = round(t_train, 2)
-        history.append(row)
+        t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
         if checkpoint and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
@@ -671,13 +811,37 @@ def plot_confusion(confusion,                 # C×C counts, rows = true classes
     _save_fig(fig, path)
     return fig
 
+# %% ../nbs/02_classify.ipynb #50042d49
+def plot_robustness(rob:dict,                  # `robustness`'s result
+                    path:str|Path|None=None,   # save as PNG here
+                    *, goals=(0.05, 0.15)      # the largest drops accepted at the mild and the strong strength (dashed)
+                   ):
+    "Accuracy under each perturbation at its two strengths, against the clean accuracy and the accepted drops."
+    import matplotlib.pyplot as plt
+    names, clean = list(rob['perturbations']), rob['clean']['accuracy']
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
+    ys = np.arange(len(names))
+    for k, (level, colour) in enumerate((('mild', 'C0'), ('strong', 'C3'))):
+        acc = [rob['perturbations'][n][level]['accuracy'] for n in names]
+        lab = [f"{n} ({rob['perturbations'][n][level]['strength']})" for n in names]
+        ax.barh(ys + (k - 0.5) * 0.38, acc, height=0.36, color=colour, label=f'{level}')
+    ax.axvline(clean, color='k', lw=1.2, label=f'clean ({clean:.3f})')
+    for g, colour in zip(goals, ('C0', 'C3')): ax.axvline(clean - g, color=colour, ls='--', lw=1, label=f'clean − {g}')
+    ax.set_yticks(ys); ax.set_yticklabels([f"{n}: {rob['perturbations'][n]['mild']['strength']} / {rob['perturbations'][n]['strong']['strength']}" for n in names], fontsize=8)
+    ax.invert_yaxis(); ax.set_xlim(0, 1); ax.set_xlabel(f"test accuracy (n={rob['n']})"); ax.grid(axis='x', alpha=.3)
+    ax.set_title("the judge under perturbations (mild / strong strength)", fontsize=10); ax.legend(fontsize=7, loc='lower left')
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return fig
+
 # %% ../nbs/02_classify.ipynb #979b724b
 def fit_kwargs(P:Params) -> dict:
     "`fit_classifier`'s training settings from the `classifier_*` keys of `P` (device, precision and seed included)."
     return dict(batch_size=P.classifier_batch_size, lr=P.classifier_lr, weight_decay=P.classifier_weight_decay,
                 label_smoothing=P.classifier_label_smoothing, warmup=P.classifier_warmup, weights=P.classifier_weights,
                 image_size=P.classifier_image_size, stem=P.classifier_stem, augment_images=P.classifier_augment,
-                translate=P.classifier_translate, jitter=P.classifier_jitter, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
+                translate=P.classifier_translate, jitter=P.classifier_jitter,
+                stain=P.classifier_stain, degrade=P.classifier_degrade, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
                 device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
 # %% ../nbs/02_classify.ipynb #94cd4cb4
@@ -737,9 +901,14 @@ def run_classify(P:Params,             # resolved parameters
         if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))
     plt.close(plot_history(history, out/'training_curves.png'))
+    if P.classifier_robustness:
+        xs, ys = robustness_sample(xte, yte, P.classifier_robustness, seed=P.seed)
+        metrics['robustness'] = robustness(model, xs, ys, names, seed=P.seed, batch_size=P.classifier_eval_batch_size, device=kw['device'])
+        plt.close(plot_robustness(metrics['robustness'], out/'robustness.png'))
     write_json(out/'metrics.json', metrics)
     (out/'checkpoint.pt').unlink(missing_ok=True)
-    t = metrics['test']
+    t, r = metrics['test'], metrics.get('robustness')
     print(f"classify: test accuracy {t['accuracy']:.3f}, macro AUC {t['macro_auc']:.3f}, macro F1 {t['macro_f1']:.3f} "
-          f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}")
+          f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}"
+          + (f"; under perturbations its accuracy drops by at most {r['worst_drop_mild']:.3f} (mild) / {r['worst_drop_strong']:.3f} (strong)" if r else ''))
     return metrics

@@ -96,6 +96,9 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
     Param('classifier_augment', 'bool', True, "random flips and 90-degree rotations of training images", stage='classify'),
     Param('classifier_translate', 'float', 0.07, "random shifts of training images, up to this fraction of their size (borders reflected); 0: none", stage='classify', min=0, max=0.25),
     Param('classifier_jitter', 'float', 0.1, "colour jitter strength (brightness/contrast/saturation x[1-j,1+j], hue +-j*pi/4); 0: none", stage='classify', min=0, max=0.5),
+    Param('classifier_stain', 'float', 0.0, "HED stain shift strength s of training images (Tellez et al.: concentrations x[1-s,1+s] + [-s,s]; 0.05 is HED-light); 0: none", stage='classify', min=0, max=0.5),
+    Param('classifier_degrade', 'float', 0.0, "fraction of training images given a random resize round trip (bilinear/bicubic/area, 0.5-0.9x) or a blur (sigma 0.3-1 px); 0: none", stage='classify', min=0, max=1),
+    Param('classifier_robustness', 'int', 2000, "real test images (a seeded sample) the robustness suite scores the judge on: resizes, blur, JPEG, stain, brightness (classifier/metrics.json: robustness); 0: no suite", stage='classify', min=0),
     Param('classifier_tta', 'bool', False, "classify every image as the mean over its 8 flips/rotations (scores, self-check, evaluate): 8x the compute", stage='classify'),
     Param('classifier_eval_batch_size', 'int', 256, "images per forward pass when classifying", stage='classify', min=1),
 )

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from .config import Params, read_json, write_json, write_text, read_jsonl, atomic_path, params_hash
 from .data import load_classes, load_split, read_images
-from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs
+from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs, plot_robustness
 from .novelty import load_gate, aligned, NOVELTY_FILE
 from .selfcheck import load_candidates, candidate_path, plot_acceptance, describe_acceptance
 
@@ -344,6 +344,9 @@ def headline_rows(m:dict) -> list[list]:
     return [
         ['judge on the real test set: accuracy', g('real_test', 'accuracy'), g('real_test', 'n'), 'how far the judge can be trusted'],
         ['judge on the real test set: macro F1', g('real_test', 'macro_f1'), g('real_test', 'n'), f"macro AUC {_fmt(g('real_test', 'macro_auc'))}"],
+        ['judge under perturbations: largest accuracy drop, mild / strong',
+         f"{_fmt(g('judge_robustness', 'worst_drop_mild'))} / {_fmt(g('judge_robustness', 'worst_drop_strong'))}", g('judge_robustness', 'n'),
+         'resizes, blur, JPEG, stain and brightness a user\'s images bring (classifier/metrics.json: robustness)'],
         ['generated, before filtering: macro F1', g('generated', 'macro_f1'), g('generated', 'n'), 'prompted class vs the judge (paper: 0.673 on 90)'],
         ['generated, before filtering: accuracy', g('generated', 'accuracy'), g('generated', 'n'), ''],
         ['self-check: acceptance rate', g('selfcheck', 'acceptance_rate'), g('selfcheck', 'n'), f"accepted {_fmt(g('selfcheck', 'n_accepted'))} in {_fmt(g('selfcheck', 'rounds_used'))} regeneration round(s)"],
@@ -552,6 +555,12 @@ def _selfcheck_metrics(run_dir:Path, rows:list[dict], class_names:list[str]) -> 
                            for d in s['classes']},
                 per_round=s['per_round'], below_target=s['below_target'])
 
+def _judge_robustness(rd:Path) -> dict:
+    "`{'judge_robustness': ...}` from the classifier's metrics when 02_classify measured it, else nothing."
+    f = rd/'classifier'/'metrics.json'
+    rob = read_json(f).get('robustness') if f.is_file() else None
+    return {'judge_robustness': rob} if rob else {}
+
 def _selfcheck_notes(run_dir:Path, sc:dict) -> list[str]:
     "The report's notes on the self-check: that it has not run, or which classes stayed below their target."
     notes = [sc['note']] if sc.get('note') else []
@@ -642,6 +651,9 @@ def _score_figures(rd:Path, names:list[str], m:dict, *, steps:int, batch_size:in
     real_only, mixed = cas_block['real_same_recipe'], aug_block['real_plus_synthetic']
     plan = [('real_test_confusion.png', lambda: plot_prompt_confusion(real_test['confusion'], names, title='the judge on the real test set', ylabel='true class'),
              f"The judge on the real test set: accuracy {_fmt(real_test['accuracy'])}, macro F1 {_fmt(real_test['macro_f1'])} (n={real_test['n']}).")]
+    if m.get('judge_robustness'):
+        plan.append(('judge_robustness.png', lambda: plot_robustness(m['judge_robustness']),
+                     f"The judge on the real test set under perturbations a user's images bring, each at a milder and a stronger strength (n={m['judge_robustness']['n']}): the dashed lines are drops of 0.05 and 0.15 from its clean accuracy."))
     if generated['n']:
         plan += [('generated_prf.png', lambda: plot_prf(generated),
                   f"Generated images before filtering (every round-0 candidate, n={generated['n']}): per-class precision, recall and F1 of the prompted class against the judge's prediction."),
@@ -742,8 +754,8 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                            kid_subsets=kid_subsets, prdc_k=prdc_k, seed=seed, inception_weights=inception_weights, device=device)
     if 'skipped' in dist['inception']: notes.append(f"Inception FID/KID skipped: {dist['inception']['skipped']}")
     lap('distances')
-    metrics = dict(real_test=real_test, generated=generated, accepted=_accepted_block(cands, names), selfcheck=sc, cas=cas_block,
-                   augmentation=aug_block, distances=dist, novelty=nov, timings=timings, params=params or {})
+    metrics = dict(real_test=real_test, **_judge_robustness(rd), generated=generated, accepted=_accepted_block(cands, names), selfcheck=sc,
+                   cas=cas_block, augmentation=aug_block, distances=dist, novelty=nov, timings=timings, params=params or {})
     plan = (_score_figures(rd, names, metrics, steps=steps, batch_size=batch_size, eval_repeats=eval_repeats, recipe=recipe)
             + _image_figures(rd, names, cands, x_te, y_te, size=x_te.shape[1], grid_per_class=grid_per_class, rejected_shown=rejected_shown)
             + _novelty_figures(rd, names, cands, nov, size=x_te.shape[1]))
