@@ -24,6 +24,7 @@ RECIPES = {   # name: overrides of the classifier_* keys
     'degrade': dict(classifier_degrade=0.5),
     'both':    dict(classifier_stain=0.05, classifier_degrade=0.5),
     'both+':   dict(classifier_stain=0.1, classifier_degrade=0.5),
+    'light':   dict(classifier_stain=0.05, classifier_degrade=0.25),
 }
 
 

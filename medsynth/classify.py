@@ -16,8 +16,8 @@ from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_cla
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'ROBUSTNESS', 'stem_for', 'resnet18', 'Classifier',
            'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
-           'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'random_degrade', 'macro_auc', 'score',
-           'image_files', 'dihedral', 'predict', 'jpeg', 'brightness_contrast', 'perturb', 'robustness',
+           'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc',
+           'score', 'image_files', 'dihedral', 'predict', 'brightness_contrast', 'perturb', 'robustness',
            'robustness_sample', 'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier',
            'shuffled_label_check', 'plot_history', 'plot_confusion', 'plot_robustness', 'fit_kwargs',
            'classifier_complete', 'run_classify']
@@ -248,6 +248,8 @@ def random_stain(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.
     n = len(x)
     return hed_shift(x, _uniform((n, 3), 1 - s, 1 + s, g, x.device), _uniform((n, 3), -s, s, g, x.device))
 
+
+# %% ../nbs/02_classify.ipynb #37d4b09f
 def _resize(x:torch.Tensor, size:int, mode:str) -> torch.Tensor:
     aa = dict(antialias=True, align_corners=False) if mode in ('bilinear', 'bicubic') else {}
     return F.interpolate(x, size=(size, size), mode=mode, **aa).clamp(0, 1)
@@ -268,10 +270,17 @@ def blur(x:torch.Tensor, sigma:float) -> torch.Tensor:
     k = 2 * math.ceil(3 * sigma) + 1
     return gaussian_blur(x, [k, k], [sigma, sigma])
 
+def jpeg(x:torch.Tensor, quality:int) -> torch.Tensor:
+    "A JPEG round trip at `quality` (torchvision's encoder, on the CPU)."
+    from torchvision.transforms.v2.functional import jpeg as _jpeg
+    u8 = (x.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    return _jpeg(u8, quality).float().div(255).to(x.device)
+
 def random_degrade(x:torch.Tensor, p:float, g:torch.Generator|None=None) -> torch.Tensor:
-    "A fraction `p` of the images get a resize round trip (scale 0.5-0.9, bilinear, bicubic or area) or a blur (σ 0.3-1 px)."
+    """A fraction `p` of the images get a resize round trip (scale 0.5-0.9, bilinear, bicubic or area), a blur
+    (σ 0.3-1 px) or a JPEG round trip (quality 40-90), one of the five drawn per image."""
     n = len(x)
-    pick = torch.randint(0, 4, (n,), generator=g).to(x.device)
+    pick = torch.randint(0, 5, (n,), generator=g).to(x.device)
     hit = _uniform((n,), 0, 1, g, x.device) < p
     out = x.clone()
     for k, mode in enumerate(('bilinear', 'bicubic', 'area')):
@@ -279,6 +288,8 @@ def random_degrade(x:torch.Tensor, p:float, g:torch.Generator|None=None) -> torc
         if sel.any(): out[sel] = resample(x[sel], float(_uniform((), 0.5, 0.9, g)), mode)
     sel = hit & (pick == 3)
     if sel.any(): out[sel] = blur(x[sel], float(_uniform((), 0.3, 1.0, g)))
+    sel = hit & (pick == 4)
+    if sel.any(): out[sel] = jpeg(x[sel], int(_uniform((), 40, 90, g)))
     return out
 
 # %% ../nbs/02_classify.ipynb #8cd9314e
@@ -427,12 +438,6 @@ def predict(model:Classifier,            # a trained `Classifier`
     return out
 
 # %% ../nbs/02_classify.ipynb #fddfef17
-def jpeg(x:torch.Tensor, quality:int) -> torch.Tensor:
-    "A JPEG round trip at `quality` (torchvision's encoder, on the CPU)."
-    from torchvision.transforms.v2.functional import jpeg as _jpeg
-    u8 = (x.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
-    return _jpeg(u8, quality).float().div(255).to(x.device)
-
 def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
     "Brightness and contrast each scaled by `1 ± s`, the signs drawn per image."
     n = len(x)
