@@ -669,7 +669,11 @@ def _run_stage(stage:str, P:Params, src:Path, out:Path, *, tag:str, reason:str, 
     _stamp_path(rd, stage).unlink(missing_ok=True)
     t0 = time.time()
     _update_timings(rd, stage, dict(status='running', started=_now(), notebook=str(out)), _MEMORY_NOTE)
-    with PeakRSS() as mem, FollowLog(stage_log_path(rd, stage), log): err = _execute(stage, P, src, out, log=log, **kw)
+    try:
+        with PeakRSS() as mem, FollowLog(stage_log_path(rd, stage), log): err = _execute(stage, P, src, out, log=log, **kw)
+    except BaseException:   # Ctrl+C, SIGTERM, SIGHUP: timings.json says so, not 'running'
+        _update_timings(rd, stage, dict(status='stopped', wall_s=round(time.time() - t0, 2), stopped=_now(), notebook=str(out)), _MEMORY_NOTE)
+        raise
     wall = time.time() - t0
     entry = dict(status='failed' if err else 'ran', wall_s=round(wall, 2), peak_rss_mib=round(mem.peak/2**20, 1),
                  largest_process_mib=round(mem.largest/2**20, 1), finished=_now(), notebook=str(out))

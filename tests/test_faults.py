@@ -201,6 +201,7 @@ def test_stopped_runner_ends_its_kernel_and_leaves_no_temporaries(tmp_path):
     while any(pid_alive(x) for x in (kernel, child)) and time.time() - t < 5: time.sleep(0.1)
     assert not pid_alive(kernel) and not pid_alive(child), "the stage kernel (or its child) outlived the runner"
     assert not list(rd.rglob('*.tmp-*')) and not (rd/'.medsynth.lock').exists()
+    assert json.loads((rd/'timings.json').read_text())['stages']['data']['status'] == 'stopped'
 
 # --- inputs --------------------------------------------------------------------------------------------------------
 
