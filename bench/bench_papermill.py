@@ -29,7 +29,7 @@ def main():
     a = ap.parse_args()
     rd, tmp = Path(a.run_dir).resolve(), Path(tempfile.mkdtemp())
     files = {p: p.stat().st_mtime_ns for p in rd.rglob('*') if p.is_file() and not {'notebooks', 'logs'} & set(p.parts)
-             and p.name not in ('timings.json', '.medsynth.lock')}
+             and p.name not in ('timings.json', '.medsynth.lock', 'params.yaml')}   # params.yaml: the latest invocation's record
     empty = tmp/'empty.ipynb'
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x = 1')])
     nb.metadata.update(kernelspec={'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}, language_info={'name': 'python'})

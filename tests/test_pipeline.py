@@ -373,8 +373,9 @@ def test_demo_end_to_end(tmp_path):
 
 def _plain_papermill_keeps_a_finished_run(rd, profile, tmp_path, root=ROOT, env=None):
     "Plain papermill (no kernel flag) on every stage notebook of a finished run: nothing is redone, no example runs."
+    # params.yaml is the record of the latest invocation's resolved values (this checkout's paths), as with medsynth run
     done = {p: p.stat().st_mtime_ns for p in rd.rglob('*') if p.is_file() and 'notebooks' not in p.parts
-            and p.name not in ('timings.json', '.medsynth.lock') and 'logs' not in p.parts}
+            and p.name not in ('timings.json', '.medsynth.lock', 'params.yaml') and 'logs' not in p.parts}
     times = {}
     for stage, name in STAGE_NOTEBOOKS.items():
         t0 = time.time()
