@@ -162,7 +162,7 @@ def run_study(params_file:str|Path|None,   # a YAML params file (None: the CPU d
     P = load_params(params_file, **overrides)
     _check_study_params(P, overrides)
     plan = study_sizes(P.study_real_per_class if sizes is None else sizes, train_split_sizes(P),
-                       key='study_real_per_class' if sizes is None else 'sizes')
+                       key='study_real_per_class' if sizes is None else '--sizes')
     sd = _study_dir(P, study_dir)
     rows, stages = [], {}
     for i, (label, n) in enumerate(plan, 1):
