@@ -58,6 +58,7 @@ _declare(
     Param('hf_cache', 'path', None, "Hugging Face cache folder (default: HF's own; on Colab with use_drive: on Drive)", optional=True),
     Param('use_drive', 'bool', False, "on Colab: mount Google Drive and keep runs and the HF cache there"),
     Param('drive_dir', 'str', '/content/drive/MyDrive/medsynth', "on Colab with use_drive: the folder on Drive that holds outputs/ and the cache"),
+    Param('study_real_per_class', 'list', ['10', '25', '50', 'all'], "the utility study (`medsynth study`): real training images per class of its runs, one run each; numbers or 'all' (the whole train split)"),
 )
 
 # %% ../nbs/00_config.ipynb #bf155134
@@ -78,6 +79,7 @@ _declare(
     Param('val_fraction', 'float', 0.1, "fraction of each class held out for validation (sources without splits)", stage='data', min=0, max=0.5),
     Param('test_fraction', 'float', 0.2, "fraction of each class held out for testing (sources without splits)", stage='data', min=0.01, max=0.5),
     Param('max_per_class', 'int', None, "cap on images per class and split (quick runs); null takes all", stage='data', optional=True, min=1),
+    Param('train_per_class', 'int', None, "real training images per class the run uses (a seeded sample of the train split; val and test stay whole): the utility study's sizes; null takes all", stage='data', optional=True, min=1),
     Param('on_bad_image', 'str', 'error', "an unreadable image, one of unexpected size/mode, or a file that leads outside data_root: stop, or skip it and list it", stage='data',
           choices=('error','skip')),
 )
@@ -271,6 +273,7 @@ def coerce(p:Param, v):
         if not isinstance(v, str): raise ParamsError(f"`{p.name}`: expected a string, got {v!r}")
     elif p.kind == 'list':
         if isinstance(v, str): v = [s.strip() for s in v.split(',') if s.strip()]
+        if isinstance(v, (list, tuple)): v = [str(s) if isinstance(s, int) and not isinstance(s, bool) else s for s in v]  # YAML's 10 in [10, all]
         if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
             raise ParamsError(f"`{p.name}`: expected a list of strings, got {v!r}")
         v = list(v)
@@ -676,7 +679,8 @@ def path_identity(value:str|None):
     files = sorted(f for f in p.rglob('*') if f.is_file() and not any(s.startswith('.') for s in f.relative_to(p).parts))
     return {'folder': fingerprint([[f.relative_to(p).as_posix(), file_digest(f)] for f in files])}
 
-_NOT_RESULTS = ('run_name', 'run_dir', 'num_workers', 'hf_cache', 'use_drive', 'drive_dir')   # where and how fast, not what
+_NOT_RESULTS = ('run_name', 'run_dir', 'num_workers', 'hf_cache', 'use_drive', 'drive_dir',   # where and how fast, not what
+                'study_real_per_class')                                                       # which runs a study makes, not what one makes
 
 def params_hash(P:Params, stage:str) -> str:
     """The fingerprint of the values read by `stage` and every stage before it: the one the runner stamps and the

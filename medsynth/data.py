@@ -18,9 +18,10 @@ from .config import (Params, in_colab, atomic_path, write_json, read_json, write
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'PATHMNIST_CLASSES', 'PHANTOM_VERSION', 'DataError', 'medmnist_classes', 'check_class_names',
            'read_prompts', 'phantom_images', 'phantom_dataset', 'plot_montage', 'Source', 'NpzImages',
            'read_medmnist_npz', 'download_medmnist', 'check_inside', 'list_imagefolder', 'list_csv', 'phantom_source',
-           'load_source', 'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'BadImage', 'read_image',
-           'common_size', 'read_images', 'plot_class_balance', 'plot_samples', 'build_dataset', 'load_classes',
-           'memory_shortfall', 'ImageFiles', 'load_split', 'data_complete', 'run_data', 'report_left_out']
+           'load_source', 'source_stamp', 'split_indices', 'cap_per_class', 'assign_splits', 'sample_train', 'BadImage',
+           'read_image', 'common_size', 'read_images', 'plot_class_balance', 'plot_samples', 'build_dataset',
+           'load_classes', 'memory_shortfall', 'ImageFiles', 'load_split', 'data_complete', 'run_data',
+           'report_left_out']
 
 # %% ../nbs/01_data.ipynb #33f4a451
 SPLITS = ('train', 'val', 'test')
@@ -515,7 +516,7 @@ def load_source(P:Params) -> Source:
 
 def source_stamp(P:Params) -> dict:
     "The parameters and the contents of the files that determine the dataset `P` builds (a re-run compares them)."
-    keys = ['source', 'seed', 'val_fraction', 'test_fraction', 'max_per_class', 'image_size', 'on_bad_image']
+    keys = ['source', 'seed', 'val_fraction', 'test_fraction', 'max_per_class', 'train_per_class', 'image_size', 'on_bad_image']
     keys += {'phantom': ['phantom_size', 'phantom_per_class'], 'medmnist': ['medmnist_flag', 'medmnist_size'],
              'imagefolder': [], 'csv': ['csv_path_column', 'csv_label_column']}[P.source]
     st = {k: P[k] for k in keys}
@@ -576,6 +577,31 @@ def assign_splits(src:Source, *, val_fraction:float, test_fraction:float, seed:i
         out[tr] = split_indices(src.labels[tr], val_fraction=fr['val'], test_fraction=fr['test'], seed=seed, classes=src.classes)
     return out
 
+
+
+# %% ../nbs/01_data.ipynb #399eefc4
+def sample_train(labels:np.ndarray,              # int labels, one per image
+                 splits:np.ndarray,              # 'train' / 'val' / 'test' per image
+                 n:int|None,                     # `train_per_class`: training images kept per class; None keeps all
+                 *, keep:np.ndarray|None=None,   # a keep-mask to narrow (e.g. `cap_per_class`'s); None: every image
+                 seed:int=0,                     # the draw
+                 classes:list[str]|None=None     # names, for messages
+                ) -> np.ndarray:                 # the keep-mask
+    "A keep-mask with `n` training images per class (a seeded sample, nested across `n`), val and test untouched."
+    keep = np.ones(len(labels), bool) if keep is None else np.array(keep, bool)
+    if n is None: return keep
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    pools = {int(c): np.flatnonzero(keep & (splits == 'train') & (labels == c)) for c in np.unique(labels)}
+    short = {c: len(idx) for c, idx in pools.items() if len(idx) < n}
+    if short:
+        c, have = min(short.items(), key=lambda kv: kv[1])
+        name = classes[c] if classes else c
+        raise DataError(f"`train_per_class`: {n} training images per class asked for, but class {name!r} has {have} in the "
+                        f"train split ({len(short)} class(es) have fewer than {n}); ask for at most {have}, or null for all")
+    for c, idx in pools.items():
+        keep[idx] = False
+        keep[np.random.default_rng((seed, c, 7)).permutation(idx)[:n]] = True
+    return keep
 
 
 # %% ../nbs/01_data.ipynb #a9ade242
@@ -714,6 +740,7 @@ def build_dataset(P:Params,                # resolved parameters (the `data` key
     captions = read_prompts(P.prompts_file, src.classes)
     splits = assign_splits(src, val_fraction=P.val_fraction, test_fraction=P.test_fraction, seed=P.seed)
     keep = cap_per_class(src.labels, splits, P.max_per_class, seed=P.seed)
+    keep = sample_train(src.labels, splits, P.train_per_class, keep=keep, seed=P.seed, classes=src.classes)
     _check_classes_present(src.classes, src.labels[keep], splits[keep])
     order = np.flatnonzero(keep)
     expected = common_size(src, order) if P.image_size is None else None

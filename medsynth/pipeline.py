@@ -14,12 +14,12 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
-           'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'check', 'parse_sets', 'PipelineError',
-           'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell', 'runner_cells', 'stage_only',
-           'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked',
-           'RunLock', 'PeakRSS', 'end_process_group', 'Stopped', 'stop_on_signals', 'run_config', 'stage_function',
-           'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed', 'execute_stage', 'notebook_rel',
-           'FollowLog', 'run', 'main']
+           'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'COMMANDS', 'check', 'parse_sets',
+           'PipelineError', 'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell',
+           'runner_cells', 'stage_only', 'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp',
+           'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'end_process_group', 'Stopped', 'stop_on_signals',
+           'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed',
+           'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'run_command', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #cf7db02d
 from .config import file_digest
@@ -761,41 +761,57 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--dry-run', action='store_true', help="say which stages would run, run nothing")
     s = sub.add_parser('stage', help="run one stage's function in this process (what `accelerate launch` runs)", add_help=False)
     s.add_argument('rest', nargs=argparse.REMAINDER)
+    u = sub.add_parser('study', help="the utility study: one run per number of real training images per class, and "
+                       "how the classifiers trained on real, real + synthetic and synthetic images compare (medsynth study -h)", add_help=False)
+    u.add_argument('rest', nargs=argparse.REMAINDER)
     return ap
 
 # %% ../nbs/08_pipeline.ipynb #eb920aca
-def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `medsynth` console command (exit codes: 1 a stage failed, 2 bad input, 3 run dir busy, 128 + n stopped by signal n)."
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['stage']: return stage_main(argv[1:])
-    args = _parser().parse_args(argv)
+# commands of modules that come after this one, named as console scripts name them: the runner never imports them
+COMMANDS = {'study': 'medsynth.study:main'}
+
+def run_command(cmd:str,             # the subcommand, for messages
+                fn,                  # what it does: called with no arguments
+                *, signals:bool=False # SIGTERM and SIGHUP stop it as Ctrl+C does (the stage kernel ended, the lock released)
+               ) -> int:             # the exit code
+    "Call `fn` for `medsynth cmd`; its errors become a message and an exit code: 1 a stage failed, 2 bad input, 3 run dir busy, 128 + n stopped by signal n."
     try:
-        if args.cmd == 'check':
-            print(check(args.params, parse_sets(args.set)), end='')
-            print(f"# {args.params}: OK ({len(SCHEMA)} keys)", file=sys.stderr)
-        elif args.cmd == 'run':
-            with stop_on_signals():   # SIGTERM, SIGHUP: stop as after Ctrl+C (the stage kernel ended, the lock released)
-                run(args.params, run_dir=args.run_dir and str(Path(args.run_dir).expanduser().resolve()), only=args.only, from_=args.from_,
-                    force=args.force, overrides=parse_sets(args.set), nbs_dir=args.nbs, dry_run=args.dry_run, log=lambda m: print(m, flush=True))
-    except ParamsError as e:
-        print(f"medsynth {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except RunLocked as e:
-        print(f"medsynth {args.cmd}: error: {e}", file=sys.stderr)
-        return 3
-    except PipelineError as e:
-        print(f"medsynth {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        with stop_on_signals() if signals else contextlib.nullcontext(): fn()
+    except (ParamsError, PipelineError, RunLocked) as e:
+        print(f"medsynth {cmd}: error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, RunLocked) else 2
     except StageFailed as e:
-        print(f"medsynth {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"medsynth {cmd}: error: {e}", file=sys.stderr)
         print(f"  earlier stages' outputs are intact; fix the cause and run the same command again to resume "
               f"from `{e.stage}`", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         how = f"stopped ({e})" if isinstance(e, Stopped) else "interrupted"
-        print(f"medsynth {args.cmd}: {how}; the stage's kernel is ended; run the same command again to resume", file=sys.stderr)
+        print(f"medsynth {cmd}: {how}; the stage's kernel is ended; run the same command again to resume", file=sys.stderr)
         return 128 + getattr(e, 'signum', signal.SIGINT)
     return 0
+
+
+# %% ../nbs/08_pipeline.ipynb #d8b4807f
+def _check_cmd(args):
+    print(check(args.params, parse_sets(args.set)), end='')
+    print(f"# {args.params}: OK ({len(SCHEMA)} keys)", file=sys.stderr)
+
+def _run_cmd(args):
+    run(args.params, run_dir=args.run_dir and str(Path(args.run_dir).expanduser().resolve()), only=args.only, from_=args.from_,
+        force=args.force, overrides=parse_sets(args.set), nbs_dir=args.nbs, dry_run=args.dry_run, log=lambda m: print(m, flush=True))
+
+def main(argv:list[str]|None=None) -> int:
+    "Entry point of the `medsynth` console command (exit codes: 1 a stage failed, 2 bad input, 3 run dir busy, 128 + n stopped by signal n)."
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['stage']: return stage_main(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        mod, fn = COMMANDS[argv[0]].split(':')
+        return getattr(importlib.import_module(mod), fn)(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.cmd == 'check': return run_command('check', lambda: _check_cmd(args))
+    return run_command('run', lambda: _run_cmd(args), signals=True)
+
 
 # %% ../nbs/08_pipeline.ipynb #08b26d7e
 if __name__ == '__main__' and 'get_ipython' not in globals():  # `python -m medsynth.pipeline` (accelerate launch)

@@ -8,9 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIB, NBS = ROOT/'medsynth', ROOT/'nbs'
 # Each module may import only modules of a lower rank: config -> data -> classify / sampling -> finetune -> generate
-# / novelty -> selfcheck -> evaluate -> pipeline, with widgets, docs and the test helpers at the side.
+# / novelty -> selfcheck -> evaluate -> pipeline -> study, with widgets, docs and the test helpers at the side.
 RANK = {'config': 0, 'data': 1, 'classify': 2, 'sampling': 2, 'finetune': 3, 'generate': 4, 'novelty': 4, 'selfcheck': 5,
-        'evaluate': 6, 'pipeline': 7, 'widgets': 8, 'docs': 8, 'testing': 9}
+        'evaluate': 6, 'pipeline': 7, 'study': 8, 'widgets': 8, 'docs': 8, 'testing': 9}
 MAX_LINES = 60
 
 
