@@ -14,11 +14,11 @@ import yaml
 __all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'params_path', 'in_colab', 'outputs_root', 'resolve_run_dir',
            'mount_drive', 'ParamsError', 'did_you_mean', 'coerce', 'Params', 'check_base_model', 'check_values',
            'resolve_value', 'load_params', 'resolve_device', 'resolve_precision', 'torch_dtype', 'mixed_precision',
-           'processes_launched', 'process_state', 'is_main', 'barrier', 'shard', 'gather', 'atomic_path', 'write_text',
-           'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive', 'remove_stale_temporaries',
-           'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError', 'check_safetensors',
-           'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params', 'fingerprint', 'file_digest',
-           'path_identity', 'params_hash', 'schema_table']
+           'processes_launched', 'process_state', 'is_main', 'barrier', 'shard', 'gather', 'main_first', 'atomic_path',
+           'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive',
+           'remove_stale_temporaries', 'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError',
+           'check_safetensors', 'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params',
+           'fingerprint', 'file_digest', 'path_identity', 'params_hash', 'schema_table']
 
 # %% ../nbs/00_config.ipynb #a803ef37
 @dataclass(frozen=True)
@@ -488,6 +488,12 @@ def gather(part:list) -> list:
     if process_state() is None: return list(part)
     from accelerate.utils import gather_object
     return gather_object(list(part))
+
+@contextlib.contextmanager
+def main_first():
+    "While inside, the main process goes first and the others wait for it (accelerate's `main_process_first`): it writes a cache, they read it."
+    if (s := process_state()) is None: yield; return
+    with s.main_process_first(): yield
 
 # %% ../nbs/00_config.ipynb #ff869ee6
 def _same_bytes(a:Path, b:Path, limit:int=64<<20) -> bool:

@@ -46,17 +46,42 @@ def _files(folder):
     folder = Path(folder)
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob('*.png'))}
 
-def test_generate_on_two_processes_is_byte_identical(trained, tmp_path):
-    "Round 0 drawn by 2 processes: the same PNG bytes and metadata rows as one process; both ranks drew."
+@pytest.fixture(scope='module')
+def runs(trained, tmp_path_factory):
+    "Two copies of the trained run: `one` for a single process, `two` for two."
+    d = tmp_path_factory.mktemp('runs')
+    return _copy(trained, d/'one'), _copy(trained, d/'two')
+
+def test_generate_on_two_processes_is_byte_identical(trained, runs):
+    "Round 0 drawn by 2 processes: the same PNG bytes and metadata rows as one process."
     from medsynth.generate import run_generate
-    one = _copy(trained, tmp_path/'one')
+    one, two = runs
     run_generate(one, progress=False)
-    two = _copy(trained, tmp_path/'two')
     log = _launch('generate', two).read_text()
-    a, b = _files(tmp_path/'one'/'generated'), _files(tmp_path/'two'/'generated')
+    one, two = Path(one.run_dir), Path(two.run_dir)
+    a, b = _files(one/'generated'), _files(two/'generated')
     assert len(a) == 9 * trained.images_per_class and a.keys() == b.keys()
     assert [f for f in a if a[f] != b[f]] == []
-    assert (tmp_path/'one'/'generated'/'metadata.jsonl').read_text() == (tmp_path/'two'/'generated'/'metadata.jsonl').read_text()
-    g = json.loads((tmp_path/'two'/'generated'/'generate.json').read_text())
+    assert (one/'generated'/'metadata.jsonl').read_text() == (two/'generated'/'metadata.jsonl').read_text()
+    g = json.loads((two/'generated'/'generate.json').read_text())
     assert g['status'] == 'complete' and g['generated'] == len(a)
     assert log.count('generate: 27 of 27 images to draw') == 1          # the main process alone says it
+
+def _record(run_dir):
+    from medsynth.config import read_jsonl
+    return sorted(read_jsonl(Path(run_dir)/'selfcheck'/'candidates.jsonl'), key=lambda r: r['file_name'])
+
+def test_selfcheck_on_two_processes_gives_the_same_verdicts(runs):
+    "The self-check on 2 processes (verdicts computed where the images are, then gathered): the same record, files and summary."
+    from medsynth.selfcheck import run_selfcheck
+    one, two = runs
+    if not (Path(two.run_dir)/'generated'/'generate.json').exists(): pytest.skip("needs the generation test's round 0")
+    s1 = run_selfcheck(one)
+    _launch('selfcheck', two)
+    r1, r2 = _record(one.run_dir), _record(two.run_dir)
+    assert len(r1) > 9 * one.images_per_class                           # replacements were drawn: the rounds were split too
+    assert r1 == r2                                                      # every verdict (class, confidence, copy, reason)
+    for d in ('generated', 'rejected'):
+        assert _files(Path(one.run_dir)/d) == _files(Path(two.run_dir)/d)
+        assert (Path(one.run_dir)/d/'metadata.jsonl').read_text() == (Path(two.run_dir)/d/'metadata.jsonl').read_text()
+    assert json.loads((Path(two.run_dir)/'selfcheck'/'acceptance.json').read_text()) == json.loads(json.dumps(s1))
