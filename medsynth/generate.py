@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .config import (Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint, progress_bar,
-                             shard, barrier, is_main, processes_launched)
+                             shard, barrier, is_main, processes_launched, remove_stale_temporaries)
 from .data import load_classes
 from .sampling import load_generator, generate_images, image_grid
 
@@ -158,7 +158,7 @@ def _run_generate(P:Params,                 # resolved parameters
             f"the old generated/, rejected/ and the self-check's record are set aside until the new round 0 is complete")
         if is_main(): set_aside(*_replaced(run_dir))
         done = {}
-    if is_main(): out.mkdir(parents=True, exist_ok=True)
+    if is_main(): out.mkdir(parents=True, exist_ok=True); remove_stale_temporaries(out, recursive=True)   # a killed process's
     barrier()
     plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
     todo = _todo(run_dir, out, plan)
