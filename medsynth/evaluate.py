@@ -721,13 +721,11 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                  seed:int=0, device=None,    # seed of the KID subsets / reference sample; device for Inception
                  recipe:str='',              # a few words on the fit_fn recipe, for the figures
                  params:dict|None=None,      # resolved parameters, shown in the report and saved in metrics.json
-                 figures:bool=True,          # draw the figures (False: metrics and page only)
-                 write:bool=True,            # write report/ (False: the metrics only; processes other than the main one)
+                 figures:bool=True, write:bool=True, # draw the figures (False: metrics and page only); write report/ (False: on other processes than the main one)
                  verbose:bool=True) -> dict:
     "Score a run and write `report/` (metrics.json, figures, index.html / report.md); return the metrics."
     say = print if verbose else (lambda *a, **k: None)
-    rd = Path(run_dir); out = rd/'report'
-    if write: out.mkdir(parents=True, exist_ok=True)
+    rd = Path(run_dir); out = rd/'report'; out.mkdir(parents=True, exist_ok=True)
     t0, timings = time.time(), {}
     def lap(name): timings[name] = round(time.time() - t0 - sum(timings.values()), 2)
     names = [c['name'] for c in load_classes(rd)]

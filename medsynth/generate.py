@@ -114,7 +114,7 @@ def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_cl
     tiles = [t if t is not None else np.full((1, *shape), 255, np.uint8) for t in tiles]
     return save_png(image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])), path)
 
-# %% ../nbs/04_generate.ipynb #1c51d95b
+# %% ../nbs/04_generate.ipynb #a7d1e2f0
 def _todo(run_dir:Path, out:Path, plan:list[dict]) -> list[dict]:
     """The planned rows whose image is missing: neither in `generated/` nor moved to `rejected/`. A PNG written just
     before an interruption, whose row had not reached metadata.jsonl yet (writes are atomic), is kept and recorded."""
@@ -139,6 +139,7 @@ def _draw(P:Params, todo:list[dict], out:Path, *, progress:bool=True):
         if is_main(): write_jsonl(out/'metadata.jsonl', merge_rows(read_jsonl(out/'metadata.jsonl', missing_ok=True), todo))
         barrier()
 
+# %% ../nbs/04_generate.ipynb #1c51d95b
 def _run_generate(P:Params,                 # resolved parameters
                  *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ go)
                  progress:bool=True) -> dict:
