@@ -20,8 +20,8 @@ def trained(tmp_path_factory):
     return P
 
 def _params(run_dir, **kw):
-    return tiny_params(run_dir, validation_images=0, phantom_per_class=12, classifier_epochs=2, classifier_batch_size=16,
-                       classifier_robustness=0, images_per_class=3, generate_batch_size=2, max_rounds=1, target_per_class=3, **kw)
+    return tiny_params(run_dir, **{**dict(validation_images=0, phantom_per_class=12, classifier_epochs=2, classifier_batch_size=16,
+                       classifier_robustness=0, images_per_class=3, generate_batch_size=2, max_rounds=1, target_per_class=3), **kw})
 
 def _copy(P, dest, *folders, **kw):
     "A second run directory with the same data, judge and generator (and `folders` of P's run)."
