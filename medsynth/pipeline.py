@@ -517,7 +517,7 @@ def launch_main(argv:list[str]) -> int:
     ap.add_argument('--run-dir'); ap.add_argument('--set', nargs='*', default=[])
     ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
-    P, _, _ = _run_params(a.params, a.run_dir and str(Path(a.run_dir).expanduser().resolve()), parse_sets(a.set))
+    P = load_params(a.params, run_dir=a.run_dir and str(Path(a.run_dir).expanduser().resolve()), **parse_sets(a.set))
     rd, t0 = Path(P.run_dir), time.time()
     if a.stage in LAUNCHED_STAGES and (P.num_processes > 1 or P.accelerate_config):
         params_path = save_params(P, rd/'notebooks'/f'{a.stage}.params.machine{P.machine_rank}.yaml')
