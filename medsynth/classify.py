@@ -650,7 +650,8 @@ def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, devic
         o.scaler.step(o.opt); o.scaler.update(); o.sched.step()
         loss_sum += loss.detach() * len(idx); correct += (logits.argmax(1) == yb).sum(); seen += len(idx)  # no sync per step
     if ddp is not None: _sync_state(model)
-    total_loss, total_correct, total_seen = np.sum(gather([(loss_sum.item(), correct.item(), seen)]), axis=0)
+    parts = gather([(loss_sum.item(), correct.item(), seen)])        # every process's sums (one in one process)
+    total_loss, total_correct, total_seen = (sum(p[i] for p in parts) for i in range(3))
     return dict(train_loss=total_loss / total_seen, train_accuracy=total_correct / total_seen, lr=o.opt.param_groups[0]['lr'])
 
 # %% ../nbs/02_classify.ipynb #3d60073c
