@@ -478,8 +478,8 @@ def _run_logged(cmd:list[str], logf:Path, *, env:dict, cwd) -> tuple[int, list[s
 
 def _launch_error(log_text:str, rc:int, tail:list[str]) -> str:
     "What went wrong in launched processes: the last exception their log names, else the log's last lines."
-    errs = [l for l in log_text.splitlines()
-            if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
+    lines = [re.sub(r'^\[rank\d+\]:\s?', '', l) for l in log_text.splitlines()]   # torch.distributed prefixes each rank's lines
+    errs = [l for l in lines if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
     return f"{errs[-1]} (in the launched processes; `accelerate launch` exited with code {rc})" if errs else \
            f"`accelerate launch` exited with code {rc}; its last lines:\n" + '\n'.join('    ' + l for l in tail)
 
