@@ -448,7 +448,7 @@ def _launch_layout(P:Params, dev) -> list[str]:
         if per_machine > torch.cuda.device_count():
             raise ParamsError(f"`num_processes`: {per_machine} processes on this machine need as many GPUs, and {torch.cuda.device_count()} "
                               f"is visible; set num_processes: {torch.cuda.device_count() * P.num_machines}")
-    out = ['--multi_gpu', '--num_processes', str(P.num_processes), '--num_machines', str(P.num_machines)]
+    out = ['--multi_gpu'] * (P.num_processes > 1) + ['--num_processes', str(P.num_processes), '--num_machines', str(P.num_machines)]
     if P.num_machines > 1:
         if not P.main_process_ip: raise ParamsError("`main_process_ip`: on several machines (num_machines > 1) give the address of machine 0")
         out += ['--machine_rank', str(P.machine_rank), '--main_process_ip', str(P.main_process_ip)]
