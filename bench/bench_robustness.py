@@ -28,6 +28,8 @@ RECIPES = {   # name: overrides of the classifier_* keys
     'reinhard': dict(classifier_stain_norm='reinhard'),
     'light+reinhard': dict(classifier_stain=0.05, classifier_degrade=0.25, classifier_stain_norm='reinhard'),
     'degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=60),
+    'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
+    'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
 }
 
 

@@ -621,11 +621,16 @@ class progress_bar(_tqdm):
         self._t0 = self._last = time.monotonic()
         self._start = self._done
     def __iter__(self):
-        for x in super().__iter__():
-            yield x
-            self._advance(1)
+        self._iterating = True                              # tqdm's loop calls `update` when it redraws: counted here, once
+        try:
+            for x in super().__iter__():
+                yield x
+                self._advance(1)
+        finally: self._iterating = False
     def update(self, n=1):
-        out = super().update(n); self._advance(n); return out
+        out = super().update(n)
+        if not getattr(self, '_iterating', False): self._advance(n)
+        return out
     def set_postfix(self, ordered_dict=None, refresh=True, **kw):
         self._post = {**(ordered_dict or {}), **kw}
         return super().set_postfix(ordered_dict, refresh=refresh, **kw)
