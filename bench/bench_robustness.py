@@ -25,6 +25,11 @@ RECIPES = {   # name: overrides of the classifier_* keys
     'both':    dict(classifier_stain=0.05, classifier_degrade=0.5),
     'both+':   dict(classifier_stain=0.1, classifier_degrade=0.5),
     'light':   dict(classifier_stain=0.05, classifier_degrade=0.25),
+    'reinhard': dict(classifier_stain_norm='reinhard'),
+    'light+reinhard': dict(classifier_stain=0.05, classifier_degrade=0.25, classifier_stain_norm='reinhard'),
+    'degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=60),
+    'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
+    'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
 }
 
 

@@ -15,13 +15,13 @@ from .config import (Params, resolve_path, resolve_device, resolve_precision, to
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'ROBUSTNESS', 'stem_for', 'resnet18', 'Classifier',
-           'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor', 'augment',
-           'hed_shift', 'random_stain', 'resample', 'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc',
-           'score', 'image_files', 'dihedral', 'predict', 'brightness_contrast', 'perturb', 'robustness',
-           'robustness_sample', 'new_classifier', 'fit_classifier', 'save_classifier', 'load_classifier',
-           'shuffled_label_check', 'plot_history', 'plot_confusion', 'plot_robustness', 'fit_kwargs',
-           'classifier_complete', 'run_classify']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS', 'ROBUSTNESS', 'stem_for', 'resnet18',
+           'Classifier', 'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor',
+           'augment', 'hed_shift', 'random_stain', 'stain_reference', 'reinhard', 'stain_norm_for', 'resample',
+           'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc', 'score', 'image_files', 'dihedral', 'predict',
+           'brightness_contrast', 'perturb', 'robustness', 'robustness_sample', 'new_classifier', 'fit_classifier',
+           'save_classifier', 'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion',
+           'plot_robustness', 'fit_kwargs', 'classifier_complete', 'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
 from .config import ArtefactError, check_safetensors
@@ -59,19 +59,22 @@ class Classifier(nn.Module):
                  stem:str='auto',                   # see `stem_for`
                  mean=IMAGENET_MEAN, std=IMAGENET_STD,  # per-channel normalisation of [0, 1] images
                  classes:list[str]|None=None,       # class names in label order
-                 tta:bool=False):                   # `predict`'s default: average over the 8 flips/rotations
+                 tta:bool=False,                    # `predict`'s default: average over the 8 flips/rotations
+                 stain_norm:dict|None=None):        # a `stain_reference` every image is moved to first (`reinhard`); None: none
         super().__init__()
+        self.stain_norm = stain_norm
         self.image_size, self.stem = int(image_size), stem_for(image_size, stem)
         self.net = resnet18(n_classes, stem=self.stem)
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.meta = dict(arch='resnet18', n_classes=n_classes, classes=list(classes or [str(i) for i in range(n_classes)]),
                          image_size=self.image_size, stem=self.stem, tta=bool(tta), input='RGB, resized to image_size (bilinear, antialiased)',
-                         normalisation=dict(mean=[float(v) for v in mean], std=[float(v) for v in std]))
+                         normalisation=dict(mean=[float(v) for v in mean], std=[float(v) for v in std]), stain_norm=stain_norm or 'none')
 
     def prepare(self, x:torch.Tensor) -> torch.Tensor:
-        "uint8 or [0, 1] float images → normalised float images of the input size (channels-last)."
+        "uint8 or [0, 1] float images → (stain-normalised,) resized, normalised float images (channels-last)."
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        if self.stain_norm: x = reinhard(x, self.stain_norm)
         s = self.image_size
         if tuple(x.shape[-2:]) != (s, s): x = F.interpolate(x, size=(s, s), mode='bilinear', antialias=True, align_corners=False)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
@@ -248,6 +251,39 @@ def random_stain(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.
     "`hed_shift` with α in `[1-s, 1+s]` and β in `[-s, s]` drawn per image and stain."
     n = len(x)
     return hed_shift(x, _uniform((n, 3), 1 - s, 1 + s, g, x.device), _uniform((n, 3), -s, s, g, x.device))
+
+
+# %% ../nbs/02_classify.ipynb #2993db3b
+STAIN_NORMS = ('none', 'reinhard')
+
+def _lab(x:torch.Tensor) -> torch.Tensor:
+    from kornia.color import rgb_to_lab
+    return rgb_to_lab(x.float().clamp(0, 1))
+
+def stain_reference(x:torch.Tensor   # training images, uint8 or [0, 1] floats, N×3×H×W
+                   ) -> dict:
+    "Reinhard's target: the mean over the images of each CIELAB channel's mean and standard deviation."
+    lab = _lab(x.float().div(255) if x.dtype == torch.uint8 else x)
+    m, s = lab.mean((2, 3)).mean(0), lab.std((2, 3), correction=0).mean(0)
+    return dict(method='reinhard', lab_mean=[round(float(v), 4) for v in m], lab_std=[round(float(v), 4) for v in s])
+
+def reinhard(x:torch.Tensor,        # float RGB images in [0, 1], N×3×H×W
+             ref:dict,              # `stain_reference` of the training images
+             max_gain:float=4.0     # the most an image's contrast is stretched
+            ) -> torch.Tensor:
+    "Reinhard et al.'s colour transfer: each image's CIELAB channels moved to the reference's mean and standard deviation."
+    from kornia.color import lab_to_rgb
+    with torch.autocast(x.device.type, enabled=False):
+        lab = _lab(x)
+        m, s = lab.mean((2, 3), keepdim=True), lab.std((2, 3), correction=0, keepdim=True)
+        rm, rs = (torch.tensor(ref[k], dtype=lab.dtype, device=x.device).view(1, 3, 1, 1) for k in ('lab_mean', 'lab_std'))
+        return lab_to_rgb((lab - m) * (rs / s.clamp_min(rs / max_gain)) + rm).clamp(0, 1)
+
+def stain_norm_for(x, stain_norm) -> dict|None:
+    "The reference `Classifier` normalises to: `None` for 'none', a dict as given, or for 'reinhard' that of the images `x` (N×3×H×W)."
+    if isinstance(stain_norm, dict) or stain_norm is None: return stain_norm
+    if stain_norm not in STAIN_NORMS: raise ValueError(f"classifier_stain_norm {stain_norm!r}: expected one of {', '.join(STAIN_NORMS)}")
+    return None if stain_norm == 'none' else stain_reference(x)
 
 
 # %% ../nbs/02_classify.ipynb #37d4b09f
@@ -544,9 +580,10 @@ def _batches(x, index_batches:list[torch.Tensor], num_workers:int=0):
 
 def _head(x, n:int) -> torch.Tensor: return next(_batches(x, [torch.arange(min(n, len(x)))]))
 
-def _channel_stats(x) -> tuple[list, list]:
-    "Per-channel mean and std of an image set, in [0, 1] units (on at most 2,000 images, 256 MB as floats)."
-    s = _head(x, min(2000, max(1, (256 << 20) // (4 * x[0].numel())))).float().div(255)
+def _sample(x) -> torch.Tensor: return _head(x, min(2000, max(1, (256 << 20) // (4 * x[0].numel())))).float().div(255)
+
+def _channel_stats(s:torch.Tensor) -> tuple[list, list]:
+    "Per-channel mean and std of a sample of images in [0, 1] (`_sample`: at most 2,000 images, 256 MB as floats)."
     return s.mean((0, 2, 3)).tolist(), s.std((0, 2, 3)).clamp_min(1e-3).tolist()
 
 def _labels_tensor(y, n:int, n_classes:int, name:str) -> torch.Tensor:
@@ -604,12 +641,15 @@ def new_classifier(x,                           # the training images (an image 
                    weights:str='none',          # none | imagenet | a local weights file
                    classes:list[str]|None=None, # class names, stored in the model's meta
                    tta:bool=False,              # the model's default for `predict`
+                   stain_norm:str|dict='none',  # none | reinhard (to the training images' stain) | a `stain_reference`
                    device='cpu'                 # torch device it is moved to (channels-last)
                   ) -> Classifier:
     "The `Classifier` a training starts from: initialised (or loaded from `weights`), normalised for its images, on `device`."
     size = int(image_size or x[0].shape[-1])
-    mean, std = (_channel_stats(x) if weights in (None, '', 'none') else (IMAGENET_MEAN, IMAGENET_STD))
-    model = Classifier(n_classes, image_size=size, stem=stem, mean=mean, std=std, classes=classes, tta=tta)
+    s = _sample(x)
+    ref = stain_norm_for(s, stain_norm)
+    mean, std = (_channel_stats(reinhard(s, ref) if ref else s) if weights in (None, '', 'none') else (IMAGENET_MEAN, IMAGENET_STD))
+    model = Classifier(n_classes, image_size=size, stem=stem, mean=mean, std=std, classes=classes, tta=tta, stain_norm=ref)
     not_loaded = init_weights(model, weights)
     model.meta.update(weights=str(weights), not_loaded=not_loaded, data_size=int(x[0].shape[-1]))   # the training images' size
     return model.to(device).to(memory_format=torch.channels_last)
@@ -733,6 +773,7 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    jitter:float=0.1,              # colour jitter strength (0: none)
                    stain:float=0.0,               # HED stain shift strength (0: none)
                    degrade:float=0.0,             # fraction of images resized or blurred (0: none)
+                   stain_norm:str|dict='none',    # none | reinhard: every image moved to the training images' stain | a `stain_reference`
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -750,14 +791,14 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     dev = resolve_device(device) if device is None or isinstance(device, str) else torch.device(device)
     prec = resolve_precision(precision, dev); _seed_all(seed)
     x, y, xv, yv = _training_sets(x_train, y_train, x_val, y_val, n_classes)
-    model = new_classifier(x, n_classes, image_size=image_size, stem=stem, weights=weights, classes=classes, tta=tta, device=dev)
+    model = new_classifier(x, n_classes, image_size=image_size, stem=stem, weights=weights, classes=classes, tta=tta, stain_norm=stain_norm, device=dev)
     if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
     ddp, n_used = _data_parallel(model, dev, seed), _n_used(len(x), batch_size)   # several processes: data-parallel
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
     aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               **aug, precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
+               **aug, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not (progress and is_main()), initial=start, total=epochs)
     for epoch in bar:
@@ -787,6 +828,8 @@ def save_classifier(model:Classifier,        # a trained classifier
     write_json(folder/'classifier.json', {**model.meta, **(meta or {})})
     return folder/'model.safetensors'
 
+def _stored_norm(meta:dict) -> dict|None: return meta['stain_norm'] if isinstance(meta.get('stain_norm'), dict) else None
+
 def load_classifier(folder:str|Path,   # a folder written by `save_classifier`
                     *, device=None     # torch device or name; None: CPU
                    ) -> Classifier:    # in eval mode, `meta` = classifier.json
@@ -799,7 +842,7 @@ def load_classifier(folder:str|Path,   # a folder written by `save_classifier`
     if meta.get('arch') != 'resnet18': raise ValueError(f"{folder/'classifier.json'}: arch {meta.get('arch')!r}, expected 'resnet18'")
     norm = meta['normalisation']
     model = Classifier(meta['n_classes'], image_size=meta['image_size'], stem=meta['stem'], mean=norm['mean'], std=norm['std'],
-                       classes=meta['classes'], tta=meta.get('tta', False))
+                       classes=meta['classes'], tta=meta.get('tta', False), stain_norm=_stored_norm(meta))
     check_safetensors(folder/'model.safetensors', fix="delete it and run the classify stage again (`medsynth run PARAMS --from classify`)")
     model.net.load_state_dict(load_file(str(folder/'model.safetensors')), strict=True)
     model.meta = meta
@@ -899,7 +942,7 @@ def fit_kwargs(P:Params) -> dict:
                 label_smoothing=P.classifier_label_smoothing, warmup=P.classifier_warmup, weights=P.classifier_weights,
                 image_size=P.classifier_image_size, stem=P.classifier_stem, augment_images=P.classifier_augment,
                 translate=P.classifier_translate, jitter=P.classifier_jitter,
-                stain=P.classifier_stain, degrade=P.classifier_degrade, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
+                stain=P.classifier_stain, degrade=P.classifier_degrade, stain_norm=P.classifier_stain_norm, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
                 device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
 # %% ../nbs/02_classify.ipynb #94cd4cb4

@@ -106,6 +106,7 @@ _declare(  # classify: the ResNet-18 judge, trained on the real images (also the
     Param('classifier_jitter', 'float', 0.1, "colour jitter strength (brightness/contrast/saturation x[1-j,1+j], hue +-j*pi/4); 0: none", stage='classify', min=0, max=0.5),
     Param('classifier_stain', 'float', 0.0, "HED stain shift strength s of training images (Tellez et al.: concentrations x[1-s,1+s] + [-s,s], in optical density; 0.05 is HED-light; the PathMNIST profiles use it); 0: none", stage='classify', min=0, max=0.5),
     Param('classifier_degrade', 'float', 0.0, "fraction of training images given a random resize round trip (bilinear/bicubic/area, 0.5-0.9x), a blur (sigma 0.3-1 px) or a JPEG round trip (quality 40-90); 0.25 in the PathMNIST profiles; 0: none", stage='classify', min=0, max=1),
+    Param('classifier_stain_norm', 'str', 'none', "stain normalisation of every image the judge sees (training, self-check, predict): reinhard moves each image's CIELAB mean and std to the training split's; none: off", stage='classify', choices=('none', 'reinhard')),
     Param('classifier_robustness', 'int', 2000, "real test images (a seeded sample) the robustness suite scores the judge on: resizes, blur, JPEG, stain, brightness (classifier/metrics.json: robustness); 0: no suite", stage='classify', min=0),
     Param('classifier_tta', 'bool', False, "classify every image as the mean over its 8 flips/rotations (scores, self-check, evaluate): 8x the compute", stage='classify'),
     Param('classifier_eval_batch_size', 'int', 256, "images per forward pass when classifying", stage='classify', min=1),
@@ -672,11 +673,16 @@ class progress_bar(_tqdm):
         self._t0 = self._last = time.monotonic()
         self._start = self._done
     def __iter__(self):
-        for x in super().__iter__():
-            yield x
-            self._advance(1)
+        self._iterating = True                              # tqdm's loop calls `update` when it redraws: counted here, once
+        try:
+            for x in super().__iter__():
+                yield x
+                self._advance(1)
+        finally: self._iterating = False
     def update(self, n=1):
-        out = super().update(n); self._advance(n); return out
+        out = super().update(n)
+        if not getattr(self, '_iterating', False): self._advance(n)
+        return out
     def set_postfix(self, ordered_dict=None, refresh=True, **kw):
         self._post = {**(ordered_dict or {}), **kw}
         return super().set_postfix(ordered_dict, refresh=refresh, **kw)

@@ -781,7 +781,8 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
     # several processes (`accelerate launch`): the classifiers train data-parallel, predictions are split, the main process writes
     predict_fn = lambda x: predict(judge_model, x, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
     def fit_fn(x, y, epochs, seed):
-        model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **{**kw, 'seed': seed})
+        model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
+                                  **{**kw, 'seed': seed, 'stain_norm': judge_model.meta.get('stain_norm', 'none')})   # the judge's reference: the real training split's
         return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
     metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,

@@ -17,8 +17,8 @@ from .classify import dihedral
 
 # %% auto #0
 __all__ = ['NOVELTY_FILE', 'TRAIN_FILE', 'Space', 'space_dim', 'n_views', 'gate_input', 'train_embedding', 'query_views',
-           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'calibrate',
-           'NoveltyGate', 'gate_key', 'embed_files', 'reference_files', 'load_gate']
+           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'contrast',
+           'exempt_flat', 'calibrate', 'NoveltyGate', 'gate_key', 'embed_files', 'reference_files', 'load_gate']
 
 # %% ../nbs/04a_novelty.ipynb #d9f0b90d
 class Space(NamedTuple):
@@ -27,6 +27,7 @@ class Space(NamedTuple):
     shift:int=2     # shifts of up to this many px (at `size`) each way are searched: 2 of 28 is 7 %
     pool:int=12     # the centre crop (size - 2·shift) is average-pooled to pool × pool × 3 values
     k:int=2         # the score: distance to the nearest training image / distance to the k-th nearest
+    flat:float=0.5  # a candidate with less than this share of its nearest training image's `contrast` is not its copy (0: off)
 
 def space_dim(space:Space) -> int: return 3 * space.pool ** 2
 def n_views(space:Space) -> int: return 8 * (2 * space.shift + 1) ** 2
@@ -112,6 +113,15 @@ def copy_score(nb:Neighbours) -> np.ndarray:
     "Distance to the nearest training image over that to the k-th nearest: 0 for an exact copy, near 1 for a new image."
     return nb.distance[:, 0] / np.maximum(nb.distance[:, -1], 1e-6)
 
+def contrast(emb) -> np.ndarray:
+    "Each embedding's (`train_embedding`) RMS deviation from its own mean colour, in grey levels: the structure a copy of it carries."
+    e = np.asarray(emb, np.float32).reshape(len(emb), 3, -1)
+    return np.sqrt(((e - e.mean(2, keepdims=True)) ** 2).mean((1, 2))) * 255
+
+def exempt_flat(score, query_contrast, nn_contrast, flat:float=0.5) -> np.ndarray:
+    "`score` with 1 (new) for each candidate flatter than `flat` × its nearest training image: it lacks the structure a copy would keep."
+    return np.where(np.asarray(query_contrast) < flat * np.asarray(nn_contrast), 1.0, score)
+
 def calibrate(scores,          # `copy_score` of real held-out images against the training set
               fpr:float        # the share of them the gate may call copies
              ) -> dict:
@@ -140,19 +150,26 @@ class NoveltyGate:
         if not parts: return Neighbours(np.zeros((0, self.space.k)), np.zeros((0, self.space.k), int), np.zeros((0, self.space.k), int))
         return Neighbours(*(np.concatenate(p) for p in zip(*parts)))
 
+    def scores(self, images) -> tuple[Neighbours, np.ndarray]:
+        "The nearest training images of `images` and their scores: `copy_score`, and 1 for a flat candidate (`exempt_flat`, `space.flat`)."
+        nb = self.search(images)
+        if not self.space.flat or not len(nb.index): return nb, copy_score(nb)
+        cq = contrast(train_embedding(gate_input(images, self.space), self.space))
+        return nb, exempt_flat(copy_score(nb), cq, contrast(self.train[nb.index[:, 0]]), self.space.flat)
+
     def calibrate(self, held_out, *, fpr:float) -> dict:
         "Set the threshold on real held-out images; returns the calibration with their scores and nearest distances."
-        nb = self.search(held_out)
-        cal = calibrate(s := copy_score(nb), fpr)
+        nb, s = self.scores(held_out)
+        cal = calibrate(s, fpr)
         self.threshold = cal['threshold']
         return {**cal, 'reference_scores': [round(float(v), 6) for v in s], 'reference_distances': [round(float(v), 3) for v in nb.distance[:, 0]]}
 
     def __call__(self, images) -> list[dict]:
-        "One verdict per image: `{copy, nn_file, nn_distance, nn_ratio, nn_view}`."
+        "One verdict per image: `{copy, nn_file, nn_distance, nn_ratio, nn_view}` (`nn_ratio`: the score, `scores`)."
         if self.threshold is None: raise ValueError("the novelty gate is not calibrated: call `calibrate` with real held-out images first")
-        nb = self.search(images)
+        nb, s = self.scores(images)
         return [dict(copy=bool(r < self.threshold), nn_file=self.files[i], nn_distance=round(float(d), 3), nn_ratio=round(float(r), 4), nn_view=int(v))
-                for r, d, i, v in zip(copy_score(nb), nb.distance[:, 0], nb.index[:, 0], nb.view[:, 0])]
+                for r, d, i, v in zip(s, nb.distance[:, 0], nb.index[:, 0], nb.view[:, 0])]
 
 # %% ../nbs/04a_novelty.ipynb #fd6c3727
 NOVELTY_FILE, TRAIN_FILE = 'novelty.json', 'novelty_train.npy'
