@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from .config import (Params, resolve_path, resolve_device, resolve_precision, torch_dtype,
-                             atomic_path, write_text, write_json, read_json, read_jsonl, params_hash, progress_bar)
+                             atomic_path, write_text, write_json, read_json, read_jsonl, params_hash, progress_bar,
+                             process_state, processes_launched, is_main, barrier, shard, gather)
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
@@ -434,9 +435,12 @@ def predict(model:Classifier,            # a trained `Classifier`
             precision:str='fp32',        # fp32 | bf16 | fp16 | auto (autocast on the device)
             num_workers:int=0,           # DataLoader workers decoding files (files and folders)
             tta:bool|None=None,          # average over the 8 flips/rotations; None: the model's `meta['tta']`
-            progress:bool|None=None      # progress bar; None: for files and folders
+            progress:bool|None=None,     # progress bar; None: for files and folders
+            split:bool=False             # several processes (`accelerate launch`): each classifies its part, all get every result (all must call it)
            ) -> dict:                    # probs N×C, features N×512 (float32 arrays); files when read from files; resize: how other sizes were resized
     "Class probabilities and 512-d penultimate features of `images`, batched; files and folders are streamed."
+    if split and processes_launched(): return _predict_split(model, images, batch_size=batch_size, device=device, precision=precision,
+                                                             num_workers=num_workers, tta=tta, progress=progress)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.to(dev, memory_format=torch.channels_last).eval()
@@ -472,6 +476,18 @@ def predict(model:Classifier,            # a trained `Classifier`
     if files is not None: out['files'] = [str(f) for f in files]
     out['resize'] = _resize_rule(model, files is not None)
     return out
+
+# %% ../nbs/02_classify.ipynb #ce653116
+def _predict_split(model:Classifier, images, **kw) -> dict:
+    "`predict` with the images split between the processes (consecutive parts, accelerate's split), its results gathered on every process."
+    if isinstance(images, ImageFiles): images = images.files
+    if isinstance(images, (str, Path)): images = image_files(images) if Path(images).is_dir() else [Path(images)]
+    files = isinstance(images, (list, tuple)) and bool(images) and isinstance(images[0], (str, Path))
+    if not isinstance(images, (list, tuple)): images = images_tensor(images)
+    with process_state().split_between_processes(images) as part:
+        r = predict(model, list(part) if isinstance(part, tuple) else part, **kw)
+    out = {k: np.concatenate(gather([r[k]])) for k in ('probs', 'features')}
+    return {**out, **({'files': [str(f) for f in images]} if files else {}), 'resize': _resize_rule(model, files)}
 
 # %% ../nbs/02_classify.ipynb #fddfef17
 def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) -> torch.Tensor:
@@ -586,6 +602,37 @@ def _training_sets(x_train, y_train, x_val, y_val, n_classes:int) -> tuple:
     xv = _image_set(x_val)
     return x, y, xv, _labels_tensor(y_val, len(xv), n_classes, 'y_val')
 
+# %% ../nbs/02_classify.ipynb #c120021a
+def _data_parallel(model:nn.Module, device, seed:int):
+    """torch's `DistributedDataParallel` around `model` when `accelerate launch` started several processes (its process
+    group, gloo on the CPU), else None. It starts every process from the main one's weights; each draws its own augmentations."""
+    if (s := process_state(device)) is None: return None
+    from torch.nn.parallel import DistributedDataParallel
+    _seed_all(seed + 7919 * s.process_index)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+def _from_main(obj):
+    "The main process's `obj` on every process (`obj` itself in one process)."
+    if not processes_launched(): return obj
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj], from_process=0)[0]
+
+def _my_part(idx:torch.Tensor) -> torch.Tensor:
+    """This process's consecutive part of a batch of indices (accelerate's `split_between_processes`); all of it in one
+    process, or when the batch is too small to give each process 2 images (BatchNorm needs 2): every process takes it."""
+    if (s := process_state()) is None or len(idx) < 2 * s.num_processes: return idx
+    with s.split_between_processes(idx) as part: return part
+
+def _sync_state(model:Classifier):
+    "Every process takes the main one's weights and BatchNorm statistics (DDP keeps the weights equal; the statistics differ)."
+    model.net.load_state_dict(_from_main(_cpu_state(model.net) if is_main() else None))
+
+def _n_used(n:int, batch_size:int) -> int:
+    """Images per epoch: a last batch that cannot give each process at least 2 images (BatchNorm needs 2) is dropped
+    (in one process, a last batch of one), unless it is all there is."""
+    k, r = (s.num_processes if (s := process_state()) is not None else 1), n % batch_size
+    return n - r if 0 < r < 2 * k and n > r else n - (r == 1)
+
 # %% ../nbs/02_classify.ipynb #c31cc6fb
 def new_classifier(x,                           # the training images (an image set: tensor or files)
                    n_classes:int,               # size of the head
@@ -623,38 +670,44 @@ def _optimiser(model, *, lr:float, weight_decay:float, warmup:float, steps:int, 
     return _Optimiser(opt, sched, scaler, autocast)
 
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 aug:dict, num_workers:int=0) -> dict:
-    "One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`."
+                 aug:dict, num_workers:int=0, ddp=None) -> dict:
+    """One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`. With
+    `ddp` (several processes) each process takes its part of every batch of the main process's permutation, the
+    gradients are averaged, and every process ends the epoch with the main one's weights and BatchNorm statistics."""
     model.train()
-    perm = torch.randperm(len(x))[:n_used]
+    perm = _from_main(torch.randperm(len(x))[:n_used])
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64), 0
-    batches = list(perm.split(batch_size))
+    batches = [_my_part(b) for b in perm.split(batch_size)]
     for idx, xb in zip(batches, _batches(x, batches, num_workers)):
         xb = xb.to(device, non_blocking=True).float().div_(255)
         yb = y[idx].to(device, non_blocking=True)
         if any(aug.values()): xb = augment(xb, **aug)
         with o.autocast:
-            logits = model(xb)
+            logits = (ddp or model)(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
         o.opt.zero_grad(set_to_none=True)
         o.scaler.scale(loss).backward()
         o.scaler.step(o.opt); o.scaler.update(); o.sched.step()
         loss_sum += loss.detach() * len(idx); correct += (logits.argmax(1) == yb).sum(); seen += len(idx)  # no sync per step
-    return dict(train_loss=loss_sum.item() / seen, train_accuracy=correct.item() / seen, lr=o.opt.param_groups[0]['lr'])
+    if ddp is not None: _sync_state(model)
+    parts = gather([(loss_sum.item(), correct.item(), seen)])        # every process's sums (one in one process)
+    total_loss, total_correct, total_seen = (sum(p[i] for p in parts) for i in range(3))
+    return dict(train_loss=total_loss / total_seen, train_accuracy=total_correct / total_seen, lr=o.opt.param_groups[0]['lr'])
 
 # %% ../nbs/02_classify.ipynb #3d60073c
 @torch.inference_mode()
 def _evaluate(model, x, y, *, batch_size, device, autocast, num_workers:int=0) -> dict:
-    "Loss, accuracy, macro AUC and probabilities of `model` on an image set `x` and labels `y`."
+    """Loss, accuracy, macro AUC and probabilities of `model` on an image set `x` and labels `y`; among several processes
+    each scores its part of the images, and the scores of all are gathered (every process gets the same result)."""
     model.eval()
-    probs, loss = [], 0.0
-    idx = list(torch.arange(len(x)).split(batch_size))
+    probs, loss = [np.zeros((0, model.net.fc.out_features), np.float32)], 0.0
+    idx = [i for i in torch.as_tensor(shard(range(len(x))), dtype=torch.int64).split(batch_size) if len(i)]
     for i, xb in zip(idx, _batches(x, idx, num_workers)):
         with autocast: lo = model(xb.to(device, non_blocking=True)).float()
         yb = y[i].to(device)
         loss += F.cross_entropy(lo, yb, reduction='sum').item()
-        probs.append(lo.softmax(1).cpu())
-    p = torch.cat(probs).numpy()
+        probs.append(lo.softmax(1).cpu().numpy())
+    p, loss = np.concatenate(gather([np.concatenate(probs)])), sum(gather([loss]))
     yn = y.numpy()
     return dict(loss=loss / max(len(x), 1), accuracy=float((p.argmax(1) == yn).mean()), macro_auc=macro_auc(yn, p), probs=p)
 
@@ -734,29 +787,29 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    on_epoch=None,                 # called with each history row after its epoch (and checkpoint)
                    progress:bool=True             # progress bar over epochs
                   ) -> tuple[Classifier, list[dict]]:  # the best epoch's model (eval mode) and one history row per epoch
-    "Train a ResNet-18 `Classifier` on arrays; keep the epoch with the best validation macro AUC."
+    "Train a ResNet-18 `Classifier` on arrays; keep the epoch with the best validation macro AUC. Data-parallel on several processes."
     dev = resolve_device(device) if device is None or isinstance(device, str) else torch.device(device)
     prec = resolve_precision(precision, dev); _seed_all(seed)
     x, y, xv, yv = _training_sets(x_train, y_train, x_val, y_val, n_classes)
     model = new_classifier(x, n_classes, image_size=image_size, stem=stem, weights=weights, classes=classes, tta=tta, stain_norm=stain_norm, device=dev)
     if dev.type == 'cuda' and isinstance(x, torch.Tensor) and x.numel() < gpu_cache_gb * 2**30: x = x.to(dev)   # else batches are gathered on the CPU
-    n_used = len(x) - (len(x) % batch_size == 1)  # a last batch of one would break BatchNorm: it is dropped
+    ddp, n_used = _data_parallel(model, dev, seed), _n_used(len(x), batch_size)   # several processes: data-parallel
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
     aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
                **aug, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
-    last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not progress, initial=start, total=epochs)
+    last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not (progress and is_main()), initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   aug=aug, num_workers=num_workers))
+                                                   aug=aug, num_workers=num_workers, ddp=ddp))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
         t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
-        if checkpoint and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
+        if checkpoint and is_main() and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
             _save_checkpoint(checkpoint, tag, model, o, history, best, best_state, epoch + 1, t_train); last_save = time.time()
         if on_epoch is not None: on_epoch(row)
     bar.close()
@@ -920,7 +973,8 @@ def run_classify(P:Params,             # resolved parameters
         m = read_json(out/'metrics.json')
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
-    if force: (out/'checkpoint.pt').unlink(missing_ok=True)   # an interrupted training is not resumed either
+    if force and is_main(): (out/'checkpoint.pt').unlink(missing_ok=True)   # an interrupted training is not resumed either
+    barrier()                                          # several processes: trained data-parallel, scored split, written by the main one
     names = [c['name'] for c in load_classes(run_dir)]
     # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);
     # a split that would not fit stays `ImageFiles`, decoded batch by batch in every epoch
@@ -938,25 +992,25 @@ def run_classify(P:Params,             # resolved parameters
           f"{iw}x{ih} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
     model, history = fit_classifier(xtr, ytr, xva, yva, n_classes=len(names), classes=names, epochs=P.classifier_epochs,
                                     checkpoint=out/'checkpoint.pt', **kw)
-    save_classifier(model, out, meta=dict(params_hash=h))
-    _write_history(history, out/'history.csv')
+    main = is_main()
+    if main: save_classifier(model, out, meta=dict(params_hash=h)); _write_history(history, out/'history.csv')
     metrics = dict(params_hash=h, best_epoch=model.meta['best_epoch'], epochs=P.classifier_epochs,
                    train_seconds=model.meta['train_seconds'], device=str(kw['device']), image_size=model.image_size,
                    stem=model.stem, weights=str(P.classifier_weights))
     for split, (x, y) in (('val', (xva, yva)), ('test', (xte, yte))):
-        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'], num_workers=P.num_workers)
+        r = predict(model, x, batch_size=P.classifier_eval_batch_size, device=kw['device'], num_workers=P.num_workers, split=True)
         metrics[split] = score(y, r['probs'], names)
-        if len(y): plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
+        if len(y) and main: plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))
-    plt.close(plot_history(history, out/'training_curves.png'))
+    if main: plt.close(plot_history(history, out/'training_curves.png'))
     if P.classifier_robustness:
         xs, ys = robustness_sample(xte, yte, P.classifier_robustness, seed=P.seed)
-        metrics['robustness'] = robustness(model, xs, ys, names, seed=P.seed, batch_size=P.classifier_eval_batch_size, device=kw['device'])
-        plt.close(plot_robustness(metrics['robustness'], out/'robustness.png'))
-    write_json(out/'metrics.json', metrics)
-    (out/'checkpoint.pt').unlink(missing_ok=True)
+        metrics['robustness'] = robustness(model, xs, ys, names, seed=P.seed, batch_size=P.classifier_eval_batch_size, device=kw['device'], split=True)
+        if main: plt.close(plot_robustness(metrics['robustness'], out/'robustness.png'))
+    if main: write_json(out/'metrics.json', metrics); (out/'checkpoint.pt').unlink(missing_ok=True)
+    barrier()
     t, r = metrics['test'], metrics.get('robustness')
-    print(f"classify: test accuracy {t['accuracy']:.3f}, macro AUC {t['macro_auc']:.3f}, macro F1 {t['macro_f1']:.3f} "
+    if main: print(f"classify: test accuracy {t['accuracy']:.3f}, macro AUC {t['macro_auc']:.3f}, macro F1 {t['macro_f1']:.3f} "
           f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}"
           + (f"; under perturbations its accuracy drops by at most {r['worst_drop_mild']:.3f} (mild) / {r['worst_drop_strong']:.3f} (strong)" if r else ''))
     return metrics

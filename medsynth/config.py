@@ -14,7 +14,8 @@ import yaml
 __all__ = ['STAGES', 'SCHEMA', 'Param', 'repo_root', 'resolve_path', 'params_path', 'in_colab', 'outputs_root', 'resolve_run_dir',
            'mount_drive', 'ParamsError', 'did_you_mean', 'coerce', 'Params', 'check_base_model', 'check_values',
            'resolve_value', 'load_params', 'resolve_device', 'resolve_precision', 'torch_dtype', 'mixed_precision',
-           'atomic_path', 'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive',
+           'processes_launched', 'process_state', 'is_main', 'barrier', 'shard', 'gather', 'main_first', 'atomic_path',
+           'write_text', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_png', 'pid_alive',
            'remove_stale_temporaries', 'aside_path', 'set_aside', 'restore_aside', 'discard_aside', 'ArtefactError',
            'check_safetensors', 'stage_log_path', 'stage_logging', 'log_line', 'progress_bar', 'save_params',
            'fingerprint', 'file_digest', 'path_identity', 'params_hash', 'schema_table']
@@ -54,7 +55,12 @@ _declare(
     Param('precision', 'str', 'auto', "numeric precision: auto is bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU",
           choices=('auto','fp32','fp16','bf16')),
     Param('num_workers', 'int', 0, "DataLoader worker processes", min=0),
-    Param('num_processes', 'int', 1, "processes for fine-tuning; >1 goes through `accelerate launch`", min=1),
+    Param('num_processes', 'int', 1, "processes (GPUs) in all, on every machine together, for each heavy stage (judge, fine-tuning, generation, self-check, evaluation); >1 goes through `accelerate launch`", min=1),
+    Param('num_machines', 'int', 1, "machines (nodes) the processes are spread over (`accelerate launch --num_machines`)", min=1),
+    Param('machine_rank', 'int', 0, "this machine's number, 0 for the main one (`--machine_rank`; set per node)", min=0),
+    Param('main_process_ip', 'str', None, "address of machine 0, which the others reach (`--main_process_ip`; needed when num_machines > 1)", optional=True),
+    Param('main_process_port', 'int', None, "port of machine 0 for the process group (`--main_process_port`; default accelerate's, 29500)", optional=True, min=1, max=65535),
+    Param('accelerate_config', 'path', None, "an `accelerate config` YAML file the heavy stages are launched with instead of the keys above (`--config_file`)", optional=True),
     Param('hf_cache', 'path', None, "Hugging Face cache folder (default: HF's own; on Colab with use_drive: on Drive)", optional=True),
     Param('use_drive', 'bool', False, "on Colab: mount Google Drive and keep runs and the HF cache there"),
     Param('drive_dir', 'str', '/content/drive/MyDrive/medsynth', "on Colab with use_drive: the folder on Drive that holds outputs/ and the cache"),
@@ -414,14 +420,19 @@ def resolve_device(name:str|None='auto'):
     "A `torch.device`: `auto` (or None) picks cuda, then mps, then cpu; asking for one that is absent is an error."
     import torch
     if name is None or name == 'auto':
-        if torch.cuda.is_available(): return torch.device('cuda')
+        if torch.cuda.is_available(): return _local_gpu()
         if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
     if name == 'cuda' and not torch.cuda.is_available():
         raise ParamsError("`device`: 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
     if name == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise ParamsError("`device`: 'mps' was asked for but Apple's MPS is not available; use device: auto or cpu")
-    return torch.device(name)
+    return _local_gpu() if name == 'cuda' else torch.device(name)
+
+def _local_gpu():
+    "The GPU of this process: `cuda:LOCAL_RANK` among several processes started by `accelerate launch`, else `cuda`."
+    import torch
+    return torch.device('cuda', int(os.environ['LOCAL_RANK'])) if 'LOCAL_RANK' in os.environ and processes_launched() else torch.device('cuda')
 
 def resolve_precision(precision:str, device) -> str:
     "`fp32`, `fp16` or `bf16`: `auto` is bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU."
@@ -443,6 +454,47 @@ def torch_dtype(precision:str):
 def mixed_precision(precision:str) -> str:
     "accelerate's name for a precision: `no`, `fp16` or `bf16`."
     return {'fp32': 'no', 'fp16': 'fp16', 'bf16': 'bf16'}[precision]
+
+# %% ../nbs/00_config.ipynb #52e92059
+def processes_launched() -> bool:
+    "Whether this process is one of several started by `accelerate launch` (or torchrun): `WORLD_SIZE` above 1."
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+def process_state(device=None):
+    "accelerate's `PartialState` (the process group, gloo on the CPU) when `processes_launched`, else None."
+    if not processes_launched(): return None
+    from accelerate import PartialState
+    return PartialState(cpu=getattr(device, 'type', device) == 'cpu') if device is not None else PartialState()
+
+def is_main() -> bool:
+    "Whether this process writes the shared records: the main process, or the only one."
+    s = process_state()
+    return s is None or s.is_main_process
+
+def barrier():
+    "Wait until every process gets here (nothing in one process)."
+    if (s := process_state()) is not None: s.wait_for_everyone()
+
+def shard(items:list,          # everything to do, in the same order on every process
+          batch_size:int=1      # processes take whole batches of this many consecutive items
+         ) -> list:
+    "This process's part of `items`: consecutive whole batches, split between the processes by accelerate; all in one process."
+    s = process_state()
+    if s is None: return list(items)
+    batches = [list(items[i:i+batch_size]) for i in range(0, len(items), max(1, batch_size))]
+    with s.split_between_processes(batches) as mine: return [x for b in mine for x in b]
+
+def gather(part:list) -> list:
+    "The `part`s of every process, concatenated in process order, on every process (`part` itself in one process)."
+    if process_state() is None: return list(part)
+    from accelerate.utils import gather_object
+    return gather_object(list(part))
+
+@contextlib.contextmanager
+def main_first():
+    "While inside, the main process goes first and the others wait for it (accelerate's `main_process_first`): it writes a cache, they read it."
+    if (s := process_state()) is None: yield; return
+    with s.main_process_first(): yield
 
 # %% ../nbs/00_config.ipynb #ff869ee6
 def _same_bytes(a:Path, b:Path, limit:int=64<<20) -> bool:
@@ -686,6 +738,7 @@ def path_identity(value:str|None):
     return {'folder': fingerprint([[f.relative_to(p).as_posix(), file_digest(f)] for f in files])}
 
 _NOT_RESULTS = ('run_name', 'run_dir', 'num_workers', 'hf_cache', 'use_drive', 'drive_dir',   # where and how fast, not what
+                'num_machines', 'machine_rank', 'main_process_ip', 'main_process_port', 'accelerate_config',   # where the processes run
                 'study_real_per_class')                                                       # which runs a study makes, not what one makes
 
 def params_hash(P:Params, stage:str) -> str:

@@ -8,7 +8,7 @@ import math, html, itertools, re, time
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
-from .config import Params, read_json, write_json, write_text, read_jsonl, atomic_path, params_hash
+from .config import Params, read_json, write_json, write_text, read_jsonl, atomic_path, params_hash, is_main, barrier
 from .data import load_classes, load_split, read_images
 from .classify import score, load_classifier, predict, fit_classifier, fit_kwargs, plot_robustness
 from .novelty import load_gate, aligned, NOVELTY_FILE
@@ -721,7 +721,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                  seed:int=0, device=None,    # seed of the KID subsets / reference sample; device for Inception
                  recipe:str='',              # a few words on the fit_fn recipe, for the figures
                  params:dict|None=None,      # resolved parameters, shown in the report and saved in metrics.json
-                 figures:bool=True,          # draw the figures (False: metrics and page only)
+                 figures:bool=True, write:bool=True, # draw the figures (False: metrics and page only); write report/ (False: on other processes than the main one)
                  verbose:bool=True) -> dict:
     "Score a run and write `report/` (metrics.json, figures, index.html / report.md); return the metrics."
     say = print if verbose else (lambda *a, **k: None)
@@ -759,9 +759,9 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     plan = (_score_figures(rd, names, metrics, steps=steps, batch_size=batch_size, eval_repeats=eval_repeats, recipe=recipe)
             + _image_figures(rd, names, cands, x_te, y_te, size=x_te.shape[1], grid_per_class=grid_per_class, rejected_shown=rejected_shown)
             + _novelty_figures(rd, names, cands, nov, size=x_te.shape[1]))
-    figs = [(_savefig(make(), out/name), caption) for name, make, caption in plan] if figures else []
+    figs = [(_savefig(make(), out/name), caption) for name, make, caption in plan] if figures and write else []
     lap('figures')
-    _write_pages(out, metrics, names, figs, notes, params=params, title=f"medsynth report: {(params or {}).get('run_name', rd.name)}", report_format=report_format)
+    if write: _write_pages(out, metrics, names, figs, notes, params=params, title=f"medsynth report: {(params or {}).get('run_name', rd.name)}", report_format=report_format)
     for n in notes: say('note:', n)
     say(f"report written to {out} in {time.time() - t0:.0f} s")
     return metrics
@@ -778,16 +778,18 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
     kw = fit_kwargs(P)          # the judge's recipe: batch size, lr, weights, image size, augmentation, device, seed
     names = [c['name'] for c in load_classes(rd)]
     judge_model = load_classifier(rd/'classifier', device=kw['device'])
-    predict_fn = lambda x: predict(judge_model, x, batch_size=kw['eval_batch_size'], device=kw['device'])
+    # several processes (`accelerate launch`): the classifiers train data-parallel, predictions are split, the main process writes
+    predict_fn = lambda x: predict(judge_model, x, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
     def fit_fn(x, y, epochs, seed):
         model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
                                   **{**kw, 'seed': seed, 'stain_norm': judge_model.meta.get('stain_norm', 'none')})   # the judge's reference: the real training split's
-        return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'])
+        return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
     metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,
                            prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class, novelty_fpr=P.novelty_fpr,
                            inception_weights=P.inception_weights, report_format=P.report_format, seed=P.seed, device=kw['device'],
-                           recipe="the judge's recipe", params=dict(P))
+                           recipe="the judge's recipe", params=dict(P), write=is_main(), verbose=is_main())
     metrics['params_hash'] = h
-    write_json(out/'metrics.json', metrics)
+    if is_main(): write_json(out/'metrics.json', metrics)
+    barrier()
     return metrics

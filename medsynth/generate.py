@@ -8,7 +8,8 @@ import time, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .config import Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint, progress_bar
+from .config import (Params, read_json, write_json, read_jsonl, write_jsonl, save_png, fingerprint, progress_bar,
+                             shard, barrier, is_main, processes_launched, remove_stale_temporaries)
 from .data import load_classes
 from .sampling import load_generator, generate_images, image_grid
 
@@ -65,19 +66,19 @@ def generate_rows(pipe,                         # the generator (load_generator)
                   folder:str|Path,              # the imagefolder (e.g. <run_dir>/generated)
                   *, batch_size:int=32,         # images per pipeline call
                   progress:bool=True,
+                  record:bool=True,             # merge the rows into metadata.jsonl after each batch (False: the images only)
                   **gen_kw) -> list[dict]:      # generate_images settings: steps, guidance_scale, negative_prompt, size, scheduler
     "Generate the images of `rows` into `folder` and merge the rows into `folder/metadata.jsonl`; returns the rows."
     folder = Path(folder); meta = folder/'metadata.jsonl'
     done = read_jsonl(meta, missing_ok=True)
-    bar = progress_bar(total=len(rows), desc='generate', unit='img', disable=not progress)
+    bar = progress_bar(total=len(rows), desc='generate', unit='img', disable=not progress, log=is_main())
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i+batch_size]
         ims = generate_images(pipe, [r['text'] for r in batch], [r['seed'] for r in batch], batch_size=batch_size,
                               output='np', **gen_kw)
         for r, a in zip(batch, ims):
             save_png(a, folder/r['file_name'])
-        done = merge_rows(done, batch)
-        write_jsonl(meta, done)
+        if record: done = merge_rows(done, batch); write_jsonl(meta, done)
         bar.update(len(batch))
     bar.close()
     return rows
@@ -113,52 +114,69 @@ def plot_generated(folder:str|Path, classes:list[dict], path:str|Path, *, per_cl
     tiles = [t if t is not None else np.full((1, *shape), 255, np.uint8) for t in tiles]
     return save_png(image_grid(tiles, labels=[c['name'] for c in classes], scale=max(1, 64 // shape[0])), path)
 
+# %% ../nbs/04_generate.ipynb #a7d1e2f0
+def _todo(run_dir:Path, out:Path, plan:list[dict]) -> list[dict]:
+    """The planned rows whose image is missing: neither in `generated/` nor moved to `rejected/`. A PNG written just
+    before an interruption, whose row had not reached metadata.jsonl yet (writes are atomic), is kept and recorded."""
+    meta = read_jsonl(out/'metadata.jsonl', missing_ok=True)
+    have = {r['file_name'] for r in meta if (out/r['file_name']).exists()}
+    have |= {r['file_name'] for r in read_jsonl(run_dir/'rejected'/'metadata.jsonl', missing_ok=True)}
+    recovered = [r for r in plan if r['file_name'] not in have and (out/r['file_name']).exists()]
+    barrier()                                  # every process has read the record before the main one rewrites it
+    if recovered and is_main(): write_jsonl(out/'metadata.jsonl', merge_rows(meta, recovered))
+    barrier()
+    have |= {r['file_name'] for r in recovered}
+    return [r for r in plan if r['file_name'] not in have]
+
+def _draw(P:Params, todo:list[dict], out:Path, *, progress:bool=True):
+    """Draw the images of `todo` into `out`. Among several processes each draws its whole batches (`shard`), so that
+    every image comes from the batch it would be in alone, and the main process records all the rows at the end."""
+    several = processes_launched()
+    if mine := shard(todo, P.generate_batch_size):
+        generate_rows(load_generator(P), mine, out, batch_size=P.generate_batch_size, progress=progress, record=not several, **gen_kwargs(P))
+    if several:
+        barrier()
+        if is_main(): write_jsonl(out/'metadata.jsonl', merge_rows(read_jsonl(out/'metadata.jsonl', missing_ok=True), todo))
+        barrier()
+
 # %% ../nbs/04_generate.ipynb #1c51d95b
 def _run_generate(P:Params,                 # resolved parameters
                  *, force:bool=False,      # draw every image again (the old generated/, rejected/ and selfcheck/ go)
                  progress:bool=True) -> dict:
     "The generation stage's work: round 0 of `generated/` for `P`, generating only the images that are missing."
     run_dir = Path(P.run_dir); out = run_dir/'generated'; gdir = run_dir/'generator'
+    say = print if is_main() else (lambda *a, **k: None)
     if not (gdir/'generator.json').exists():
         raise FileNotFoundError(f"{gdir/'generator.json'} is missing: run the finetune stage (03_finetune) first")
-    info = read_json(gdir/'generator.json')
-    classes = load_classes(run_dir)
-    key = generate_key(P, info)
-    stamp = out/'generate.json'
+    info, classes = read_json(gdir/'generator.json'), load_classes(run_dir)
+    key, stamp = generate_key(P, info), out/'generate.json'
     done = read_json(stamp) if stamp.exists() else {}
     changed = bool(done) and done.get('key') != key
-    if changed or (force and out.exists()):
-        print(f"generate: {'the generator or the sampler settings changed' if changed else 'forced'}: "
-              f"the old generated/, rejected/ and the self-check's record are set aside until the new round 0 is complete")
-        set_aside(*_replaced(run_dir)); done = {}
-    out.mkdir(parents=True, exist_ok=True)
+    replace = changed or (force and out.exists())
+    barrier()                                  # every process has read the stamp before the main one replaces it
+    if replace:
+        say(f"generate: {'the generator or the sampler settings changed' if changed else 'forced'}: "
+            f"the old generated/, rejected/ and the self-check's record are set aside until the new round 0 is complete")
+        if is_main(): set_aside(*_replaced(run_dir))
+        done = {}
+    if is_main(): out.mkdir(parents=True, exist_ok=True); remove_stale_temporaries(out, recursive=True)   # a killed process's
+    barrier()
     plan = plan_images(classes, P.images_per_class, seed=P.seed, gen=gen_settings(P, info))
-    meta = read_jsonl(out/'metadata.jsonl', missing_ok=True)
-    rej = run_dir/'rejected'/'metadata.jsonl'
-    have = {r['file_name'] for r in meta if (out/r['file_name']).exists()}
-    have |= {r['file_name'] for r in read_jsonl(rej, missing_ok=True)}
-    # a PNG written just before an interruption, whose row had not reached metadata.jsonl yet (writes are atomic)
-    recovered = [r for r in plan if r['file_name'] not in have and (out/r['file_name']).exists()]
-    if recovered: write_jsonl(out/'metadata.jsonl', merge_rows(meta, recovered)); have |= {r['file_name'] for r in recovered}
-    todo = [r for r in plan if r['file_name'] not in have]
+    todo = _todo(run_dir, out, plan)
     if not todo and done.get('status') == 'complete' and (gdir/'generated.png').exists():
-        print(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
+        say(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
         return {**done, 'generated': 0, 'seconds': 0.0, 'images_per_second': None}   # its stamp and figure untouched
-    write_json(stamp, dict(key=key, status='running'))
+    if is_main(): write_json(stamp, dict(key=key, status='running'))
     t = time.time()
-    if todo:
-        print(f"generate: {len(todo)} of {len(plan)} images to draw ({len(plan) - len(todo)} already there)")
-        pipe = load_generator(P)
-        generate_rows(pipe, todo, out, batch_size=P.generate_batch_size, progress=progress, **gen_kwargs(P))
-    else: print(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
+    say(f"generate: {len(todo)} of {len(plan)} images to draw ({len(plan) - len(todo)} already there)" if todo else
+        f"generate: all {len(plan)} images of round 0 are there; nothing to do")
+    _draw(P, todo, out, progress=progress)
     secs = round(time.time() - t, 1)
-    plot_generated(out, classes, gdir/'generated.png')
     summary = dict(key=key, status='complete', planned=len(plan), generated=len(todo), seconds=secs,
                    images_per_second=round(len(todo)/secs, 2) if todo and secs else None, **gen_settings(P, info))
-    write_json(stamp, summary)
+    if is_main(): plot_generated(out, classes, gdir/'generated.png'); write_json(stamp, summary)
+    barrier()
     return summary
-
-
 
 # %% ../nbs/04_generate.ipynb #c1e12df1
 def _replaced(run_dir:Path) -> tuple[Path, ...]: return (run_dir/'generated', run_dir/'rejected', run_dir/'selfcheck')
@@ -169,10 +187,10 @@ def run_generate(P:Params,                 # resolved parameters
     """The generation stage: round 0 of `generated/` for `P`, generating only the images that are missing. What it
     replaces is put back if it fails (or, killed, when it runs next), and deleted once the new round 0 is complete."""
     old = _replaced(Path(P.run_dir))
-    if restore_aside(*old): print("generate: a run replacing generated/ did not finish: the previous images are back")
+    if is_main() and restore_aside(*old): print("generate: a run replacing generated/ did not finish: the previous images are back")
     try: summary = _run_generate(P, force=force, progress=progress)
     except BaseException:
-        if restore_aside(*old): print("generate: failed before the new round 0 was complete: the previous images are back")
+        if is_main() and restore_aside(*old): print("generate: failed before the new round 0 was complete: the previous images are back")
         raise
-    discard_aside(*old)
+    if is_main(): discard_aside(*old)
     return summary

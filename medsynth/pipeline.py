@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_hash, repo_root, params_path,
                              in_colab, mount_drive, save_params, write_json, read_json, resolve_device, resolve_precision,
-                             mixed_precision, pid_alive, stage_log_path, stage_logging, remove_stale_temporaries)
+                             mixed_precision, pid_alive, stage_log_path, stage_logging, remove_stale_temporaries,
+                             process_state)
 
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
@@ -18,8 +19,8 @@ __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_
            'PipelineError', 'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell',
            'runner_cells', 'stage_only', 'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp',
            'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'end_process_group', 'Stopped', 'stop_on_signals',
-           'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'StageFailed',
-           'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'run_command', 'main']
+           'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'launch_main',
+           'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'run_command', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #cf7db02d
 from .config import file_digest
@@ -424,7 +425,7 @@ STAGE_FUNCTIONS = {'config': 'medsynth.pipeline:run_config', 'data': 'medsynth.d
                    'classify': 'medsynth.classify:run_classify', 'finetune': 'medsynth.finetune:run_finetune',
                    'generate': 'medsynth.generate:run_generate', 'selfcheck': 'medsynth.selfcheck:run_selfcheck',
                    'evaluate': 'medsynth.evaluate:run_evaluate'}
-LAUNCHED_STAGES = {'finetune'}  # stages that go through `accelerate launch` when num_processes > 1
+LAUNCHED_STAGES = ('classify', 'finetune', 'generate', 'selfcheck', 'evaluate')  # through `accelerate launch` when num_processes > 1
 
 def run_config(P:Params):
     "The config stage: mount Drive where asked (Colab), save every resolved value as `<run_dir>/params.yaml`."
@@ -437,18 +438,28 @@ def stage_function(stage:str, entry:str|None=None):
     return getattr(importlib.import_module(mod), fn)
 
 # %% ../nbs/08_pipeline.ipynb #bc63bb91
-def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|None=None, force:bool=False) -> list[str]:
-    "The `accelerate launch` command line that runs `stage` in `P.num_processes` processes."
-    dev = resolve_device(P.device)
+def _launch_layout(P:Params, dev) -> list[str]:
+    "accelerate's flags for `P.num_processes` processes on `P.num_machines` machines, checked against the GPUs seen here."
+    per_machine, extra = divmod(P.num_processes, P.num_machines)
+    if extra: raise ParamsError(f"`num_processes`: {P.num_processes} processes do not divide between {P.num_machines} machines "
+                                f"(`num_machines`); num_processes counts the processes of every machine together")
     if dev.type == 'cuda':
         import torch
-        if P.num_processes > torch.cuda.device_count():
-            raise ParamsError(f"`num_processes`: {P.num_processes} processes need as many GPUs, and {torch.cuda.device_count()} "
-                              f"is visible; set num_processes: {torch.cuda.device_count()}")
-    prec = resolve_precision(P.precision, dev)
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(P.num_processes),
-           '--num_machines', '1', '--mixed_precision', mixed_precision(prec), '--dynamo_backend', 'no',
-           '-m', 'medsynth.pipeline', 'stage', stage, str(params_path)]
+        if per_machine > torch.cuda.device_count():
+            raise ParamsError(f"`num_processes`: {per_machine} processes on this machine need as many GPUs, and {torch.cuda.device_count()} "
+                              f"is visible; set num_processes: {torch.cuda.device_count() * P.num_machines}")
+    out = ['--multi_gpu'] * (P.num_processes > 1) + ['--num_processes', str(P.num_processes), '--num_machines', str(P.num_machines)]
+    if P.num_machines > 1:
+        if not P.main_process_ip: raise ParamsError("`main_process_ip`: on several machines (num_machines > 1) give the address of machine 0")
+        out += ['--machine_rank', str(P.machine_rank), '--main_process_ip', str(P.main_process_ip)]
+    return out + (['--main_process_port', str(P.main_process_port)] if P.main_process_port else [])
+
+def accelerate_command(stage:str, P:Params, params_path:str|Path, *, entry:str|None=None, force:bool=False) -> list[str]:
+    "The `accelerate launch` command line that runs `stage` on `P.num_processes` processes (or as `P.accelerate_config` says)."
+    dev = resolve_device(P.device)
+    if P.accelerate_config: how = ['--config_file', str(P.accelerate_config)]
+    else: how = _launch_layout(P, dev) + ['--mixed_precision', mixed_precision(resolve_precision(P.precision, dev)), '--dynamo_backend', 'no']
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', *how, '-m', 'medsynth.pipeline', 'stage', stage, str(params_path)]
     return cmd + (['--entry', entry] if entry else []) + (['--force'] if force else [])
 
 # %% ../nbs/08_pipeline.ipynb #1f171061
@@ -467,8 +478,8 @@ def _run_logged(cmd:list[str], logf:Path, *, env:dict, cwd) -> tuple[int, list[s
 
 def _launch_error(log_text:str, rc:int, tail:list[str]) -> str:
     "What went wrong in launched processes: the last exception their log names, else the log's last lines."
-    errs = [l for l in log_text.splitlines()
-            if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
+    lines = [re.sub(r'^\[rank\d+\]:\s?', '', l) for l in log_text.splitlines()]   # torch.distributed prefixes each rank's lines
+    errs = [l for l in lines if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', l) and 'ChildFailedError' not in l]
     return f"{errs[-1]} (in the launched processes; `accelerate launch` exited with code {rc})" if errs else \
            f"`accelerate launch` exited with code {rc}; its last lines:\n" + '\n'.join('    ' + l for l in tail)
 
@@ -491,10 +502,33 @@ def stage_main(argv:list[str]) -> int:
     ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
     P = load_params(a.params, run_dir=a.run_dir, **parse_sets(a.set))
+    process_state(resolve_device(P.device))  # under accelerate launch: the process group, on the params' device (gloo on the CPU)
     with stage_logging(P.run_dir, a.stage): stage_function(a.stage, a.entry)(P, **({'force': True} if a.force else {}))
     if 'torch.distributed' in sys.modules:  # under accelerate launch: leave the process group cleanly (else gloo may abort at exit)
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
+    return 0
+
+# %% ../nbs/08_pipeline.ipynb #a1cbdc8e
+def launch_main(argv:list[str]) -> int:
+    "`medsynth launch STAGE PARAMS [--run-dir DIR] [--set k=v ...] [--force]`: this machine's part of a stage (several machines)."
+    ap = argparse.ArgumentParser(prog='medsynth launch')
+    ap.add_argument('stage', choices=STAGES); ap.add_argument('params')
+    ap.add_argument('--run-dir'); ap.add_argument('--set', nargs='*', default=[])
+    ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
+    a = ap.parse_args(argv)
+    P = load_params(a.params, run_dir=a.run_dir and str(Path(a.run_dir).expanduser().resolve()), **parse_sets(a.set))
+    rd, t0 = Path(P.run_dir), time.time()
+    if a.stage in LAUNCHED_STAGES and (P.num_processes > 1 or P.accelerate_config):
+        params_path = save_params(P, rd/'notebooks'/f'{a.stage}.params.machine{P.machine_rank}.yaml')
+        if rc := subprocess.call(accelerate_command(a.stage, P, params_path, force=a.force), cwd=rd):
+            raise StageFailed(a.stage, None, None, f"`accelerate launch` exited with code {rc} on machine {P.machine_rank}")
+    elif P.machine_rank == 0:
+        rd.mkdir(parents=True, exist_ok=True)
+        with stage_logging(rd, a.stage): stage_function(a.stage)(P, **({'force': True} if a.force else {}))
+    if P.machine_rank == 0:
+        prev = STAGES[STAGES.index(a.stage) - 1] if a.stage != STAGES[0] else None
+        write_stamp(rd, a.stage, P, after=(read_stamp(rd, prev) or {}).get('id') if prev else None, wall_s=time.time() - t0, notebook='')
     return 0
 
 # %% ../nbs/08_pipeline.ipynb #36fb7125
@@ -633,7 +667,10 @@ def _checked_notebooks(nbs_dir:str|Path|None, notebooks:dict, selected:list[str]
 def _execute(stage:str, P:Params, src:Path, out:Path, *, force:bool, entry:str|None, log, **how) -> StageFailed|None:
     "Run the notebook of `stage` (after `accelerate launch` for a launched stage); how it failed, or None."
     try:
-        launched = stage in LAUNCHED_STAGES and P.num_processes > 1
+        launched = stage in LAUNCHED_STAGES and (P.num_processes > 1 or bool(P.accelerate_config))
+        if launched and P.num_machines > 1:
+            raise StageFailed(stage, None, None, f"{P.num_machines} machines (`num_machines`): `medsynth run` starts the processes of "
+                              f"one machine; start `medsynth launch {stage} PARAMS --set machine_rank=R ...` on each machine (README: several machines)")
         if launched: launch_stage(stage, P, entry=entry, force=force, log=log)
         execute_stage(src, out, run_dir=str(Path(P.run_dir)), force=force and not launched, **how)
     except StageFailed as e:
@@ -761,6 +798,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--dry-run', action='store_true', help="say which stages would run, run nothing")
     s = sub.add_parser('stage', help="run one stage's function in this process (what `accelerate launch` runs)", add_help=False)
     s.add_argument('rest', nargs=argparse.REMAINDER)
+    s = sub.add_parser('launch', help="this machine's part of one stage of a run on several machines (medsynth launch -h)", add_help=False)
+    s.add_argument('rest', nargs=argparse.REMAINDER)
     u = sub.add_parser('study', help="the utility study: one run per number of real training images per class, and "
                        "how the classifiers trained on real, real + synthetic and synthetic images compare (medsynth study -h)", add_help=False)
     u.add_argument('rest', nargs=argparse.REMAINDER)
@@ -805,6 +844,7 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `medsynth` console command (exit codes: 1 a stage failed, 2 bad input, 3 run dir busy, 128 + n stopped by signal n)."
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['stage']: return stage_main(argv[1:])
+    if argv[:1] == ['launch']: return run_command('launch', lambda: launch_main(argv[1:]), signals=True)
     if argv[:1] and argv[0] in COMMANDS:
         mod, fn = COMMANDS[argv[0]].split(':')
         return getattr(importlib.import_module(mod), fn)(argv[1:])

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .config import (Params, read_json, write_json, read_jsonl, write_jsonl, atomic_path, save_png, file_digest,
-                             remove_stale_temporaries, resolve_device, log_line)
+                             remove_stale_temporaries, resolve_device, log_line, shard, gather, barrier, is_main,
+                             main_first)
 from .data import load_classes
 from .classify import load_classifier, predict
 from .sampling import load_generator, generate_images
@@ -221,13 +222,30 @@ def _per_class(rows:list[dict], class_names:list[str], target:int) -> str:
     "Accepted images of each class against the target, for a progress line: 'a 4/4, b 1/4'."
     return ', '.join(f"{n} {sum(bool(r.get('accepted')) for r in rows if r['label'] == c)}/{target}" for c, n in enumerate(class_names))
 
-def _judge_pending(run_dir:Path, rows:list[dict], chunk:int, **kw) -> int:
-    "Give every candidate on record without a verdict its `verdicts` (kw: classify_fn, threshold, novelty_fn)."
-    pending = [r for r in rows if 'accepted' not in r]
-    for part in _chunks(pending, chunk):
+def _judge_pending(run_dir:Path, rows:list[dict], chunk:int, *, batch_size:int=1, **kw) -> int:
+    """Give every candidate on record without a verdict its `verdicts` (kw: classify_fn, threshold, novelty_fn): each
+    process judges its whole batches of them, and every process gets all the verdicts."""
+    pending, mine = [r for r in rows if 'accepted' not in r], []
+    for part in _chunks(shard(pending, batch_size), chunk):
         images = [Image.open(candidate_path(run_dir, r)).convert('RGB') for r in part]
-        for r, v in zip(part, verdicts(images, [r['label'] for r in part], **kw)): r.update(v)
+        mine += verdicts(images, [r['label'] for r in part], **kw)
+    for r, v in zip(pending, gather(mine)): r.update(v)
     return len(pending)
+
+def _regenerate(run_dir:Path, plan:list[dict], chunk:int, *, generate_fn, batch_size:int=1, **kw):
+    "Draw, judge and save the images of `plan` (each process its whole batches), and give every row of it its verdict."
+    mine = []
+    for part in _chunks(shard(plan, batch_size), chunk):
+        images = generate_fn([r['label'] for r in part], [r['seed'] for r in part])
+        if len(images) != len(part): raise RuntimeError(f"generate_fn returned {len(images)} images for {len(part)} seeds")
+        vs = verdicts(images, [r['label'] for r in part], **kw)
+        for r, v, img in zip(part, vs, images): save_png(img, run_dir/_folder(v)/r['file_name'])
+        mine += vs
+    for r, v in zip(plan, gather(mine)): r.update(v)
+
+def _commit(run_dir:Path, rows:list[dict]) -> list[dict]:
+    "`commit` by the main process alone; every process gets the rows it kept."
+    return gather(commit(run_dir, rows) if is_main() else [])
 
 # %% ../nbs/05_selfcheck.ipynb #00c718a9
 def self_check(run_dir:str|Path,         # the run directory, with generated/ written by 04_generate
@@ -243,44 +261,45 @@ def self_check(run_dir:str|Path,         # the run directory, with generated/ wr
                generation_id:str='',     # identifies round 0 (04_generate's key); a change starts the record afresh
                seed_fn=None,             # (label, index, round) -> seed of a replacement (see `plan_round`)
                force:bool=False,         # re-judge every candidate even when the judge is unchanged
-               chunk:int=256,            # images generated / classified at a time
+               chunk:int=256,            # images generated / classified at a time (a multiple of batch_size)
+               batch_size:int=1,         # processes take whole batches of this many images (the generator's batch size)
                verbose:bool=True) -> dict:
     "Judge, reject and regenerate until every class has its target or its budget is spent; return the summary."
-    run_dir = Path(run_dir)
+    run_dir, chunk = Path(run_dir), max(batch_size, chunk // batch_size * batch_size)
     def say(msg:str):
+        if not is_main(): return
         log_line(f"self-check: {msg}")
         if verbose: print(msg)
     limits = dict(target=target_per_class, max_rounds=max_rounds, max_candidates=max_candidates_per_class)
-    vkw = dict(classify_fn=classify_fn, threshold=accept_threshold, novelty_fn=novelty_fn)
+    vkw = dict(classify_fn=classify_fn, threshold=accept_threshold, novelty_fn=novelty_fn, batch_size=batch_size)
     state_file = run_dir/'selfcheck'/'state.json'
     state = read_json(state_file) if state_file.exists() else {}
     fresh = state.get('generation_id', generation_id) != generation_id
     if fresh: say("round 0 was generated anew: the self-check starts a new record")
     rows = load_candidates(run_dir, record=not fresh)
-    for folder in ('generated', 'rejected', 'selfcheck'): remove_stale_temporaries(run_dir/folder, recursive=True)
+    barrier()                                   # every process has read the record before the main one changes it
+    if is_main():
+        for folder in ('generated', 'rejected', 'selfcheck'): remove_stale_temporaries(run_dir/folder, recursive=True)
     if (force or state.get('judge_id') != judge_id) and any('accepted' in r for r in rows):
         say(f"{'forced' if force else 'the judge or the threshold changed'}: re-judging all {len(rows)} candidates")
         rows = [{k: v for k, v in r.items() if k not in VERDICT_KEYS} for r in rows]
-    rows = commit(run_dir, rows)
+    rows = _commit(run_dir, rows)
     if n := _judge_pending(run_dir, rows, chunk, **vkw):
-        rows = commit(run_dir, rows)
+        rows = _commit(run_dir, rows)
         say(f"judged {n} candidates: {sum(bool(r['accepted']) for r in rows)} of {len(rows)} accepted"
             + (f", {sum(bool(r.get('copy')) for r in rows)} copies of training images" if novelty_fn is not None else ''))
-    write_json(state_file, dict(judge_id=judge_id, generation_id=generation_id))
+    if is_main(): write_json(state_file, dict(judge_id=judge_id, generation_id=generation_id))
     while plan := plan_round(rows, len(class_names), seed_fn=seed_fn, **limits):
-        for part in _chunks(plan, chunk):
-            images = generate_fn([r['label'] for r in part], [r['seed'] for r in part])
-            if len(images) != len(part): raise RuntimeError(f"generate_fn returned {len(images)} images for {len(part)} seeds")
-            for r, v in zip(part, verdicts(images, [r['label'] for r in part], **vkw)): r.update(v)
-            for r, img in zip(part, images): save_png(img, run_dir/_folder(r)/r['file_name'])
-        rows = commit(run_dir, rows + plan)
+        _regenerate(run_dir, plan, chunk, generate_fn=generate_fn, **vkw)
+        rows = _commit(run_dir, rows + plan)
         say(f"regenerated {len(plan)} images for {len({r['label'] for r in plan})} class(es) "
             f"(round {'/'.join(map(str, sorted({r['round'] for r in plan})))}): {sum(r['accepted'] for r in plan)} accepted, "
             f"{sum(bool(r.get('copy')) for r in plan)} copies; "
             f"accepted per class: {_per_class(rows, class_names, target_per_class)}")
     summary = acceptance_summary(rows, class_names, threshold=accept_threshold, **limits)
-    write_json(run_dir/'selfcheck'/'acceptance.json', summary)
+    if is_main(): write_json(run_dir/'selfcheck'/'acceptance.json', summary)
     say(describe_acceptance(summary))
+    barrier()
     return summary
 
 # %% ../nbs/05_selfcheck.ipynb #8da079bd
@@ -295,7 +314,8 @@ def run_selfcheck(P:Params,               # resolved parameters
     weights = rd/'classifier'/'model.safetensors'
     if not weights.exists(): raise FileNotFoundError(f"{weights}: no judge; run the classifier stage (02_classify) first")
     judge_model = load_classifier(rd/'classifier', device=device)
-    classify_fn = lambda images: predict(judge_model, images, device=device)['probs']
+    # the judge and the gate take the generator's batches: an image is judged in the same batch whatever the number of processes
+    classify_fn = lambda images: predict(judge_model, images, device=device, batch_size=P.generate_batch_size)['probs']
     pipe = None
     def generate_fn(labels, seeds):
         nonlocal pipe
@@ -303,15 +323,19 @@ def run_selfcheck(P:Params,               # resolved parameters
         return generate_images(pipe, [classes[l]['caption'] for l in labels], list(seeds), batch_size=P.generate_batch_size,
                                progress=True, **gen_kwargs(P))
     def seed_fn(label, index, rnd): return image_seed(P.seed, label, index, rnd)
-    gate = load_gate(rd, fpr=P.novelty_fpr) if P.novelty_check else None
+    with main_first(): gate = load_gate(rd, fpr=P.novelty_fpr) if P.novelty_check else None   # the main process makes its cache
+    if gate is not None: gate.batch = P.generate_batch_size
     stamp = rd/'generated'/'generate.json'
     target = P.target_per_class or P.images_per_class
     summary = self_check(rd, [c['name'] for c in classes], generate_fn=generate_fn, classify_fn=classify_fn, novelty_fn=gate,
                          accept_threshold=P.accept_threshold, target_per_class=target, max_rounds=P.max_rounds,
                          max_candidates_per_class=P.max_candidates_per_class or 3 * target,
                          judge_id=f"{file_digest(weights)}@{P.accept_threshold}" + (f"+novelty:{gate.key}" if gate else ''),
-                         generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn, force=force)
-    fig = plot_acceptance(summary)
-    with atomic_path(rd/'selfcheck'/'acceptance.png') as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
-    plt.close(fig)
+                         generation_id=read_json(stamp).get('key', '') if stamp.exists() else '', seed_fn=seed_fn, force=force,
+                         batch_size=P.generate_batch_size)
+    if is_main():
+        fig = plot_acceptance(summary)
+        with atomic_path(rd/'selfcheck'/'acceptance.png') as tmp: fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+        plt.close(fig)
+    barrier()
     return summary
