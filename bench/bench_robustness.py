@@ -18,19 +18,21 @@ sys.path.insert(0, str(ROOT))
 from medsynth.config import load_params
 from medsynth.classify import fit_classifier, fit_kwargs, robustness
 
-RECIPES = {   # name: overrides of the classifier_* keys
-    'today':   {},
-    'stain':   dict(classifier_stain=0.05),
-    'degrade': dict(classifier_degrade=0.5),
-    'both':    dict(classifier_stain=0.05, classifier_degrade=0.5),
-    'both+':   dict(classifier_stain=0.1, classifier_degrade=0.5),
-    'light':   dict(classifier_stain=0.05, classifier_degrade=0.25),
-    'reinhard': dict(classifier_stain_norm='reinhard'),
-    'light+reinhard': dict(classifier_stain=0.05, classifier_degrade=0.25, classifier_stain_norm='reinhard'),
-    'degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=60),
-    'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
-    'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
-}
+_PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_stain_norm='none')
+RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathmnist-cpu.yaml (whose own recipe is 'light')
+    name: {**_PLAIN, **kw} for name, kw in {
+        'today':   {},
+        'stain':   dict(classifier_stain=0.05),
+        'degrade': dict(classifier_degrade=0.5),
+        'both':    dict(classifier_stain=0.05, classifier_degrade=0.5),
+        'both+':   dict(classifier_stain=0.1, classifier_degrade=0.5),
+        'light':   dict(classifier_stain=0.05, classifier_degrade=0.25),
+        'reinhard': dict(classifier_stain_norm='reinhard'),
+        'light+reinhard': dict(classifier_stain=0.05, classifier_degrade=0.25, classifier_stain_norm='reinhard'),
+        'degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=60),
+        'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
+        'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
+    }.items()}
 
 
 def split(d, s): return d[f'{s}_images'], d[f'{s}_labels'].reshape(-1).astype(np.int64)
