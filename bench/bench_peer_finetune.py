@@ -43,6 +43,7 @@ def parse(argv=None):
     ap.add_argument('--same-work', action='store_true', help="no closing sample grid in medsynth (the script draws none)")
     ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help="more medsynth values (e.g. validation_images=0)")
     ap.add_argument('--only', choices=['script', 'medsynth'], help="run one side only (profiling)")
+    ap.add_argument('--peer', default=str(PEER), help="the diffusers script (default: ../shared/peers/ beside the checkout)")
     ap.add_argument('--work', default=None, help="folder for bases, data and outputs (default: a temporary one)")
     ap.add_argument('--json', default=None, help="write every run's figures here")
     a = ap.parse_args(argv)
@@ -96,7 +97,7 @@ def prepare_base(run_dir:Path, work:Path, sd15:bool) -> Path:
 # ---------------------------------------------------------------- the two commands
 
 def script_cmd(a, base:Path, data:Path, out:Path, res:int) -> list[str]:
-    cmd = [sys.executable, str(PEER), '--pretrained_model_name_or_path', str(base), '--train_data_dir', str(data/'train'),
+    cmd = [sys.executable, a.peer, '--pretrained_model_name_or_path', str(base), '--train_data_dir', str(data/'train'),
            '--caption_column', 'text', '--resolution', str(res), '--train_batch_size', str(a.batch),
            '--max_train_steps', str(a.steps), '--learning_rate', '1e-4', '--lr_scheduler', 'constant', '--lr_warmup_steps', '0',
            '--rank', str(a.rank), '--output_dir', str(out/'lora'), '--cache_dir', str(out/'datasets-cache'),
@@ -158,9 +159,9 @@ def run_timed(cmd:list[str], *, env:dict, log:Path, gpu:bool) -> dict:
     with open(log, 'wb') as f:
         while data := os.read(p.stdout.fileno(), 1 << 16):
             chunks.append((time.time() - t0, data.decode(errors='replace'))); f.write(data)
-    rc = p.wait(); wall = time.time() - t0; mem.close()
+    rc = p.wait(); end = time.time(); wall = end - t0; mem.close()
     if rc: raise SystemExit(f"{cmd[1]} failed (exit {rc}); its output: {log}\n" + ''.join(c for _, c in chunks)[-3000:])
-    return dict(wall_s=round(wall, 2), chunks=chunks, peak_rss_gib=round(mem.rss/2**30, 2), peak_gpu_gib=round(mem.gpu_mib/1024, 2))
+    return dict(wall_s=round(wall, 2), start=t0, end=end, chunks=chunks, peak_rss_gib=round(mem.rss/2**30, 2), peak_gpu_gib=round(mem.gpu_mib/1024, 2))
 
 
 def run_script(a, base, data, work, res, env, i) -> dict:
@@ -169,7 +170,9 @@ def run_script(a, base, data, work, res, env, i) -> dict:
     bar = bar_times(r.pop('chunks'))
     if a.steps not in bar or 0 not in bar: raise SystemExit(f"the script's progress bar was not found in {out/'output.log'}")
     if not (out/'lora'/'pytorch_lora_weights.safetensors').exists(): raise SystemExit(f"the script wrote no LoRA weights in {out}")
-    return dict(r, who='script', loop_s=round(bar[a.steps] - bar[0], 2), lora=str(out/'lora'/'pytorch_lora_weights.safetensors'))
+    parts = dict(before_loop=bar[0], loop=bar[a.steps] - bar[0], after_loop=r['wall_s'] - bar[a.steps])
+    return dict(r, who='script', loop_s=round(bar[a.steps] - bar[0], 2), parts={k: round(v, 2) for k, v in parts.items()},
+                lora=str(out/'lora'/'pytorch_lora_weights.safetensors'))
 
 
 def run_medsynth(a, base, data, work, res, env, i) -> dict:
@@ -183,8 +186,28 @@ def run_medsynth(a, base, data, work, res, env, i) -> dict:
     if int(last[0]) != a.steps: raise SystemExit(f"medsynth's log ends at step {last[0]}, not {a.steps}: {g/'train_log.csv'}")
     info = json.loads((g/'generator.json').read_text())
     stage = json.loads((run/'timings.json').read_text())['stages']['finetune']
+    parts = medsynth_parts(run/'notebooks'/'03_finetune.ipynb', r, info, float(last[3]))
     return dict(r, who='medsynth', loop_s=float(last[3]), cache_s=info['seconds']['cache'], stage_s=stage['wall_s'],
-                lora=str(g/'lora'/'pytorch_lora_weights.safetensors'))
+                parts=parts, lora=str(g/'lora'/'pytorch_lora_weights.safetensors'))
+
+
+def medsynth_parts(nb_path:Path, r:dict, info:dict, loop_s:float) -> dict:
+    "Where medsynth's whole process went, from the executed notebook's cell times (papermill's) and generator.json."
+    from datetime import datetime
+    nb = json.loads(nb_path.read_text())
+    ts = lambda s: datetime.fromisoformat(s).timestamp()
+    cells = [c['metadata']['papermill'] for c in nb['cells'] if c['metadata'].get('papermill', {}).get('duration') is not None]
+    run_cell = max(cells, key=lambda m: m['duration'])            # the cell that runs the stage
+    before = [m['duration'] for m in cells[:cells.index(run_cell)]]
+    unet = info['seconds']['unet']
+    parts = dict(runner_start=ts(nb['metadata']['papermill']['start_time']) - r['start'],
+                 kernel_start=ts(cells[0]['start_time']) - ts(nb['metadata']['papermill']['start_time']),
+                 import_cells=sum(before),
+                 load_save_plot=run_cell['duration'] - info['seconds']['cache'] - unet,
+                 cache=info['seconds']['cache'], loop=loop_s, prepare_and_grid=unet - loop_s,
+                 between_cells=ts(cells[-1]['end_time']) - ts(cells[0]['start_time']) - sum(m['duration'] for m in cells),
+                 after_cells=r['end'] - ts(cells[-1]['end_time']))
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def same_adapter(f1:str, f2:str) -> bool:
@@ -211,7 +234,7 @@ def describe(r:dict, steps:int) -> str:
 
 def main(argv=None):
     a = parse(argv)
-    if not PEER.exists(): raise SystemExit(f"the diffusers script is not at {PEER}")
+    if not Path(a.peer).exists(): raise SystemExit(f"the diffusers script is not at {a.peer}")
     rd = Path(a.run_dir).resolve()
     work = Path(a.work or tempfile.mkdtemp(prefix='peer-finetune-')).resolve(); work.mkdir(parents=True, exist_ok=True)
     res = 224 if a.sd15 else 32
@@ -229,6 +252,7 @@ def main(argv=None):
             note = load_note()
             r = sides[who](a, base, data, work, res, env, i); r['load'] = note
             print(describe(r, a.steps), flush=True); runs.append(r)
+            print('         ' + ', '.join(f"{k} {v}" for k, v in r['parts'].items()), flush=True)
     if a.json: Path(a.json).write_text(json.dumps(dict(args=vars(a), images=n, runs=runs), indent=1))
     if a.only: return
     med = {w: {k: statistics.median(r[k] for r in runs if r['who'] == w) for k in ('wall_s', 'loop_s')} for w in sides}
