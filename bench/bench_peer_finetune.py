@@ -40,7 +40,8 @@ def parse(argv=None):
     ap.add_argument('--repeat', type=int, default=2, help="runs of each, interleaved")
     ap.add_argument('--device', default='auto', help="auto | cpu | cuda")
     ap.add_argument('--bf16', action='store_true', help="bf16 mixed precision for both (a GPU)")
-    ap.add_argument('--same-work', action='store_true', help="no closing sample grid in medsynth (the script draws none)")
+    ap.add_argument('--same-work', action='store_true', help="no closing sample grid in medsynth (the script draws none); "
+                    "always on for --sd15 off a GPU")
     ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help="more medsynth values (e.g. validation_images=0)")
     ap.add_argument('--only', choices=['script', 'medsynth'], help="run one side only (profiling)")
     ap.add_argument('--peer', default=str(PEER), help="the diffusers script (default: ../shared/peers/ beside the checkout)")
@@ -50,6 +51,7 @@ def parse(argv=None):
     a.steps = a.steps or (6 if a.sd15 else 200)
     a.batch = a.batch or (1 if a.sd15 else 32)
     a.per_class = (2 if a.sd15 else 0) if a.per_class is None else a.per_class
+    if a.sd15 and a.device != 'cuda': a.same_work = True   # a 54-image grid at 224 px would take an hour on a CPU
     return a
 
 
