@@ -160,7 +160,7 @@ def run_timed(cmd:list[str], *, env:dict, log:Path, gpu:bool) -> dict:
     mem, chunks = Sampler(p.pid, gpu), []
     with open(log, 'wb') as f:
         while data := os.read(p.stdout.fileno(), 1 << 16):
-            chunks.append((time.time() - t0, data.decode(errors='replace'))); f.write(data)
+            chunks.append((time.time() - t0, data.decode(errors='replace'))); f.write(data); f.flush()
     rc = p.wait(); end = time.time(); wall = end - t0; mem.close()
     if rc: raise SystemExit(f"{cmd[1]} failed (exit {rc}); its output: {log}\n" + ''.join(c for _, c in chunks)[-3000:])
     return dict(wall_s=round(wall, 2), start=t0, end=end, chunks=chunks, peak_rss_gib=round(mem.rss/2**30, 2), peak_gpu_gib=round(mem.gpu_mib/1024, 2))
