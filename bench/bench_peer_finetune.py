@@ -75,9 +75,12 @@ def prepare_data(run_dir:Path, work:Path, per_class:int) -> Path:
     "A `data/` folder (train split + classes.json) that both read: the run's own, or a subset of its train split."
     if not per_class: return run_dir/'data'
     d = work/'data'
-    if not (d/'train'/'metadata.jsonl').exists():
+    if not (d/'summary.json').exists():
         subset_train(run_dir/'data'/'train', d/'train', per_class)
         shutil.copy2(run_dir/'data'/'classes.json', d/'classes.json')
+        summary = json.loads((run_dir/'data'/'summary.json').read_text())   # medsynth reads the split's counts from it
+        summary['counts'] = {'train': {c: min(n, per_class) for c, n in summary['counts']['train'].items()}}
+        (d/'summary.json').write_text(json.dumps(summary, indent=1))
     return d
 
 

@@ -23,6 +23,7 @@ def test_subset_keeps_captions_and_classes(tmp_path):
     rows = [json.loads(l) for l in (d/'train'/'metadata.jsonl').read_text().splitlines()]
     assert len(rows) == 4 and all((d/'train'/r['file_name']).exists() for r in rows)
     assert {r['text'] for r in rows} == {c['caption'] for c in json.loads((rd/'data'/'classes.json').read_text())}
+    assert json.loads((d/'summary.json').read_text())['counts'] == {'train': {c: 2 for c in ('adipose', 'background')}}
     assert (d/'classes.json').exists() and bp.prepare_data(rd, tmp_path/'work', per_class=0) == rd/'data'
 
 
