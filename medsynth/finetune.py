@@ -710,7 +710,9 @@ def base_pipeline(P:Params, x, captions:list[str], gdir:Path, accelerator, wdtyp
 def _build_cache(P:Params, pipe, x, y, captions, path:Path, device, dtype) -> dict:
     t = time.time()
     vae, te = _move(pipe.vae, device, dtype), _move(pipe.text_encoder, device, dtype)
-    c = encode_images(vae, x, augment=P.cache_augment, dtype=torch.float16 if x.shape[1] >= 128 else torch.float32)
+    # small images in larger batches: fewer encoder calls, the very same latents (checked bitwise at 32 px: 64 vs 256)
+    c = encode_images(vae, x, augment=P.cache_augment, batch_size=max(64, 2**18 // x.shape[1]**2),
+                      dtype=torch.float16 if x.shape[1] >= 128 else torch.float32)
     c['text_emb'] = encode_captions(pipe.tokenizer, te, captions + [''])
     c.update(labels=torch.as_tensor(y), scaling_factor=float(vae.config.scaling_factor), seconds=round(time.time()-t, 1))
     with atomic_path(path) as tmp: torch.save(c, tmp)
@@ -744,7 +746,9 @@ def stage_validator(P:Params, pipe, classes:list[dict], gdir:Path, accelerator) 
     "The stage's validation callback `validate(unet, step)`: `validation_images` per class into `gdir/samples/` (none when 0)."
     from diffusers import StableDiffusionPipeline
     captions = [c['caption'] for c in classes]
-    gen_kw = dict(steps=P.inference_steps, guidance_scale=P.guidance_scale, scheduler=P.scheduler, negative_prompt=P.negative_prompt)
+    # drawn `generate_batch_size` at a time, as the generate stage draws: the same images (one generator per image), fewer calls
+    gen_kw = dict(steps=P.inference_steps, guidance_scale=P.guidance_scale, scheduler=P.scheduler, negative_prompt=P.negative_prompt,
+                  batch_size=P.generate_batch_size)
     def validate(u, step):
         if not P.validation_images: return
         vp = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=u,
