@@ -114,7 +114,7 @@ def plot_study(rows:list[dict]):   # `study_row`s, ascending size
     axes[0].legend(loc='lower right', fontsize=8)
     cr = [r['copy_rate'] for r in rows]
     axes[2].plot([xi for xi, c in zip(x, cr) if c is not None], [c for c in cr if c is not None], 'o-', color='tab:red')
-    axes[2].set(title="generator's copy rate (accepted images)", xlabel='real training images per class', ylabel='copy rate',
+    axes[2].set(title="generator's copy rate (candidates, before the gate)", xlabel='real training images per class', ylabel='copy rate',
                 ylim=(0, max([0.05] + [c for c in cr if c is not None]) * 1.15))
     for ax in axes:
         if len(x) > 1 and min(x) > 0: ax.set_xscale('log')
