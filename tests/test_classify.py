@@ -1,5 +1,5 @@
 "The classifier stage: quality on real PathMNIST, chance on shuffled labels, exact reloads, the stage's files."
-import os, time, warnings
+import os, time
 import numpy as np
 import pytest
 import torch
@@ -18,17 +18,11 @@ def _npz(path):
     return {k: d[k] for k in d.files}
 
 
-def _busy() -> bool:
-    "Is this machine shared with more runnable work than it has cores (timings then say little)?"
-    return os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
-
-
 @pytest.mark.slow
 def test_pathmnist_accuracy(pathmnist_npz, tmp_path):
-    "ResNet-18 from scratch on pathmnist_mini (28 px, CPU) with the pathmnist-cpu profile: >= 0.75 test accuracy in < 3 min."
+    "ResNet-18 from scratch on pathmnist_mini (28 px, CPU) with the pathmnist-cpu profile: >= 0.75 test accuracy (its time is a benchmark's)."
     d = _npz(pathmnist_npz)
     P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir=str(tmp_path/'run'), device='cpu')
-    busy = _busy()
     model, hist = fit_classifier(d['train_images'], d['train_labels'], d['val_images'], d['val_labels'], n_classes=9,
                                  classes=NAMES, epochs=P.classifier_epochs, progress=False, **fit_kwargs(P))
     r = predict(model, d['test_images'])
@@ -40,8 +34,6 @@ def test_pathmnist_accuracy(pathmnist_npz, tmp_path):
     assert s['n'] == 199
     assert s['accuracy'] >= 0.75, s['accuracy']
     assert s['macro_auc'] >= 0.95, s['macro_auc']
-    if busy or _busy(): warnings.warn(f"training took {secs:.0f} s on a machine busier than its cores: time not checked")
-    else: assert secs < 180, secs
 
 
 @pytest.mark.slow
