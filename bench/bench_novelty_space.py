@@ -74,9 +74,10 @@ def judge_search(x_train, y_train, epochs:int, k:int=2):
 def score_space(search, positives:dict, x_test, x_ref, gate:NoveltyGate|None=None) -> dict:
     "AUC of each perturbation against the test images, for the distance, the ratio (and the gate's score); `caught` at fpr 0.01."
     sets = {**positives, 'test': x_test, 'ref': x_ref}
-    nbs = {name: search(x) for name, x in sets.items()}
-    hows = {'distance': {n: nb.distance[:, 0] for n, nb in nbs.items()}, 'ratio': {n: copy_score(nb) for n, nb in nbs.items()}}
-    if gate is not None and gate.space.flat: hows['ratio, flat exempt'] = {n: gate.scores(x)[1] for n, x in sets.items()}
+    flat = gate is not None and gate.space.flat
+    found = {name: gate.scores(x) if flat else (search(x), None) for name, x in sets.items()}   # one search per set
+    hows = {'distance': {n: nb.distance[:, 0] for n, (nb, _) in found.items()}, 'ratio': {n: copy_score(nb) for n, (nb, _) in found.items()}}
+    if flat: hows['ratio, flat exempt'] = {n: s for n, (_, s) in found.items()}
     out = {}
     for how, sc in hows.items():
         row = {name: roc_auc_score(np.r_[np.ones(len(sc[name])), np.zeros(len(x_test))], -np.r_[sc[name], sc['test']]) for name in positives}
