@@ -2,13 +2,16 @@
 
 Builds a small run (phantom data, a tiny generator trained for a few steps), then times, each with the runner's own
 `accelerate launch` command (`medsynth.pipeline.launch_stage`, one thread per process):
-  - generation: round 0 of `--images-per-class` images per class (images per second of the stage, from `generate.json`);
-  - classifier training: the judge's recipe (`fit_classifier`, data-parallel on N processes) for `--epochs` epochs
-    (training images per second, from the trained model's own `train_seconds`).
+  - generation: round 0 of `--images-per-class` images per class: images per second of drawing (`generate.json`'s
+    `images_per_second`: from when every process has loaded the generator until the last image), and of the whole stage;
+  - classifier training: the judge's recipe (`fit_classifier`, data-parallel on N processes) for `--epochs` epochs:
+    training images per second after the first epoch (from the history's per-epoch times; the first epoch also
+    builds the kernels), and of the whole training (the model's own `train_seconds`).
+The ratios are of the steady rates; the whole-stage ones are printed beside them (a small run is mostly start-up).
 It checks that the N-process images are byte-identical to the 1-process ones, and prints one line per measure and
 last `scaling: N.NN`: the geometric mean of the two ratios (throughput on N processes over 1).
 
-    python bench/bench_multiprocess.py [--processes 2] [--images-per-class 8] [--epochs 3] [--size 32]
+    python bench/bench_multiprocess.py [--processes 2] [--images-per-class 24] [--epochs 4] [--size 32]
 
 On a GPU machine, `--processes` is the number of GPUs (and `--device cuda`).
 """
@@ -23,7 +26,7 @@ def probe(P, force=False):
     from medsynth.classify import fit_classifier, fit_kwargs
     (x, y), (xv, yv) = (load_split(P.run_dir, s) for s in ('train', 'val'))
     m, hist = fit_classifier(x, y, xv, yv, n_classes=9, epochs=P.classifier_epochs, progress=False, **fit_kwargs(P))
-    if is_main(): Path(P.run_dir, 'probe.json').write_text(json.dumps(dict(train_seconds=m.meta['train_seconds'], n=len(x), epochs=len(hist))))
+    if is_main(): Path(P.run_dir, 'probe.json').write_text(json.dumps(dict(train_seconds=m.meta['train_seconds'], n=len(x), seconds=[h['seconds'] for h in hist])))
 '''
 
 
@@ -52,14 +55,15 @@ def launched(stage, P, n, **kw):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--processes', type=int, default=2)
-    ap.add_argument('--images-per-class', type=int, default=8)
+    ap.add_argument('--images-per-class', type=int, default=24)
     ap.add_argument('--batch', type=int, default=4, help="generate_batch_size")
     ap.add_argument('--steps', type=int, default=10, help="sampler steps")
-    ap.add_argument('--epochs', type=int, default=3)
+    ap.add_argument('--epochs', type=int, default=4)
     ap.add_argument('--per-class', type=int, default=60, help="phantom images per class")
     ap.add_argument('--size', type=int, default=32)
     ap.add_argument('--device', default='cpu')
     a = ap.parse_args(argv)
+    if a.epochs < 2: ap.error('--epochs: at least 2 (the rate is taken after the first epoch)')
     os.environ.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     import torch; torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix='bench-multi-'))
@@ -78,9 +82,12 @@ def main(argv=None):
         files[n] = {str(f.relative_to(rd)): f.read_bytes() for f in sorted((rd/'generated').rglob('*.png'))}
         wall_c = launched('classify', P, n, entry='benchprobe:probe')
         c = json.loads((rd/'probe.json').read_text())
-        rates[n] = (g['generated'] / g['seconds'], c['n'] * c['epochs'] / c['train_seconds'])
-        print(f"{n} process(es): generate {g['generated']} images in {g['seconds']:.1f} s ({rates[n][0]:.2f} img/s; launch {wall:.0f} s in all), "
-              f"classifier training {c['epochs']} epochs of {c['n']} images in {c['train_seconds']:.1f} s ({rates[n][1]:.1f} img/s; launch {wall_c:.0f} s)", flush=True)
+        ep, secs = len(c['seconds']), c['seconds']
+        rates[n] = (g['images_per_second'], c['n'] * (ep - 1) / (secs[-1] - secs[0]))
+        print(f"{n} process(es): generate {g['generated']} images: drawing {g['draw_seconds']:.1f} s ({rates[n][0]:.2f} img/s), stage "
+              f"{g['seconds']:.1f} s ({g['generated'] / g['seconds']:.2f} img/s), launch {wall:.0f} s in all; classifier training "
+              f"{ep} epochs of {c['n']} images: after the first {secs[-1] - secs[0]:.1f} s ({rates[n][1]:.1f} img/s), in all "
+              f"{c['train_seconds']:.1f} s ({c['n'] * ep / c['train_seconds']:.1f} img/s), launch {wall_c:.0f} s", flush=True)
     same = files[1] == files[a.processes]
     print(f"generated images byte-identical on {a.processes} processes and on 1: {same}")
     g, c = (rates[a.processes][i] / rates[1][i] for i in (0, 1))

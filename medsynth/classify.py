@@ -605,11 +605,13 @@ def _training_sets(x_train, y_train, x_val, y_val, n_classes:int) -> tuple:
 # %% ../nbs/02_classify.ipynb #c120021a
 def _data_parallel(model:nn.Module, device, seed:int):
     """torch's `DistributedDataParallel` around `model` when `accelerate launch` started several processes (its process
-    group, gloo on the CPU), else None. It starts every process from the main one's weights; each draws its own augmentations."""
+    group, gloo on the CPU), else None. It starts every process from the main one's weights; each draws its own augmentations.
+    BatchNorm's running statistics stay each process's own (train-mode batches do not use them): `_sync_state` gives
+    every process the main one's after each epoch, the statistics the main process alone would have."""
     if (s := process_state(device)) is None: return None
     from torch.nn.parallel import DistributedDataParallel
     _seed_all(seed + 7919 * s.process_index)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
 
 def _from_main(obj):
     "The main process's `obj` on every process (`obj` itself in one process)."
@@ -624,8 +626,9 @@ def _my_part(idx:torch.Tensor) -> torch.Tensor:
     with s.split_between_processes(idx) as part: return part
 
 def _sync_state(model:Classifier):
-    "Every process takes the main one's weights and BatchNorm statistics (DDP keeps the weights equal; the statistics differ)."
-    model.net.load_state_dict(_from_main(_cpu_state(model.net) if is_main() else None))
+    "Every process takes the main one's BatchNorm statistics (DDP keeps the weights equal; the statistics are of each one's batches)."
+    import torch.distributed as dist
+    for b in model.net.buffers(): dist.broadcast(b, src=0)
 
 def _n_used(n:int, batch_size:int) -> int:
     """Images per epoch: a last batch that cannot give each process at least 2 images (BatchNorm needs 2) is dropped

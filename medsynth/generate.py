@@ -128,16 +128,19 @@ def _todo(run_dir:Path, out:Path, plan:list[dict]) -> list[dict]:
     have |= {r['file_name'] for r in recovered}
     return [r for r in plan if r['file_name'] not in have]
 
-def _draw(P:Params, todo:list[dict], out:Path, *, progress:bool=True):
-    """Draw the images of `todo` into `out`. Among several processes each draws its whole batches (`shard`), so that
+def _draw(P:Params, todo:list[dict], out:Path, *, progress:bool=True) -> float:
+    """Draw the images of `todo` into `out`; the seconds of drawing (from when every process has loaded the generator
+    until the last one has drawn its part). Among several processes each draws its whole batches (`shard`), so that
     every image comes from the batch it would be in alone, and the main process records all the rows at the end."""
     several = processes_launched()
-    if mine := shard(todo, P.generate_batch_size):
-        generate_rows(load_generator(P), mine, out, batch_size=P.generate_batch_size, progress=progress, record=not several, **gen_kwargs(P))
-    if several:
-        barrier()
-        if is_main(): write_jsonl(out/'metadata.jsonl', merge_rows(read_jsonl(out/'metadata.jsonl', missing_ok=True), todo))
-        barrier()
+    mine = shard(todo, P.generate_batch_size)
+    pipe = load_generator(P) if mine else None
+    barrier(); t = time.time()
+    if mine: generate_rows(pipe, mine, out, batch_size=P.generate_batch_size, progress=progress, record=not several, **gen_kwargs(P))
+    barrier(); secs = time.time() - t
+    if several and is_main(): write_jsonl(out/'metadata.jsonl', merge_rows(read_jsonl(out/'metadata.jsonl', missing_ok=True), todo))
+    barrier()
+    return secs
 
 # %% ../nbs/04_generate.ipynb #1c51d95b
 def _run_generate(P:Params,                 # resolved parameters
@@ -165,15 +168,15 @@ def _run_generate(P:Params,                 # resolved parameters
     todo = _todo(run_dir, out, plan)
     if not todo and done.get('status') == 'complete' and (gdir/'generated.png').exists():
         say(f"generate: all {len(plan)} images of round 0 are there; nothing to do")
-        return {**done, 'generated': 0, 'seconds': 0.0, 'images_per_second': None}   # its stamp and figure untouched
+        return {**done, 'generated': 0, 'seconds': 0.0, 'draw_seconds': 0.0, 'images_per_second': None}   # its stamp and figure untouched
     if is_main(): write_json(stamp, dict(key=key, status='running'))
     t = time.time()
     say(f"generate: {len(todo)} of {len(plan)} images to draw ({len(plan) - len(todo)} already there)" if todo else
         f"generate: all {len(plan)} images of round 0 are there; nothing to do")
-    _draw(P, todo, out, progress=progress)
-    secs = round(time.time() - t, 1)
-    summary = dict(key=key, status='complete', planned=len(plan), generated=len(todo), seconds=secs,
-                   images_per_second=round(len(todo)/secs, 2) if todo and secs else None, **gen_settings(P, info))
+    draw = _draw(P, todo, out, progress=progress)
+    summary = dict(key=key, status='complete', planned=len(plan), generated=len(todo), seconds=round(time.time() - t, 1),
+                   draw_seconds=round(draw, 1), images_per_second=round(len(todo)/draw, 2) if todo and draw else None,
+                   **gen_settings(P, info))
     if is_main(): plot_generated(out, classes, gdir/'generated.png'); write_json(stamp, summary)
     barrier()
     return summary

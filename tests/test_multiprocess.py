@@ -146,3 +146,13 @@ def test_killed_rank_then_rerun_completes_generation(trained, tmp_path):
     plan = [r['file_name'] for r in plan_images(json.loads((tmp_path/'run'/'data'/'classes.json').read_text()), 4, seed=P.seed)]
     assert sorted(r['file_name'] for r in rows) == sorted(plan)               # every image once
     assert sorted(str(f.relative_to(out)) for f in out.rglob('*') if f.is_file() and f.suffix != '.json' and f.name != 'metadata.jsonl') == sorted(plan)
+
+def test_bench_multiprocess_miniature():
+    "The throughput bench end to end at a miniature size: both measures, byte-identical images, a scaling line."
+    out = subprocess.run([sys.executable, str(ROOT/'bench'/'bench_multiprocess.py'), '--images-per-class', '2', '--epochs', '2',
+                          '--per-class', '12', '--steps', '2'], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert 'generated images byte-identical on 2 processes and on 1: True' in out.stdout
+    lines = {l.split(':')[0]: l for l in out.stdout.splitlines() if l.endswith(tuple('0123456789'))}
+    for k in ('generate scaling', 'classify scaling', 'scaling'): assert float(lines[k].split(':')[1]) > 0, out.stdout
+    assert '1 process(es): generate 18 images' in out.stdout and '2 process(es): generate 18 images' in out.stdout
