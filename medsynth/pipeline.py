@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pipeline.ipynb #feff975d
 from __future__ import annotations
-import os, sys, re, json, time, uuid, shutil, signal, socket, argparse, tempfile, importlib, threading, subprocess, collections, contextlib
+import os, sys, re, json, time, uuid, atexit, shutil, signal, socket, argparse, tempfile, importlib, threading, subprocess, collections, contextlib
 from datetime import datetime, timezone
 from pathlib import Path
 import yaml
@@ -17,10 +17,11 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'COMMANDS', 'check', 'parse_sets',
            'PipelineError', 'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell',
-           'runner_cells', 'stage_only', 'colab_url', 'colab_badge', 'output_digests', 'read_stamp', 'write_stamp',
-           'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'end_process_group', 'Stopped', 'stop_on_signals',
-           'run_config', 'stage_function', 'accelerate_command', 'launch_stage', 'stage_main', 'launch_main',
-           'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run', 'run_command', 'main']
+           'runner_cells', 'exit_without_teardown', 'stage_only', 'colab_url', 'colab_badge', 'output_digests',
+           'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'end_process_group',
+           'Stopped', 'stop_on_signals', 'run_config', 'stage_function', 'accelerate_command', 'launch_stage',
+           'stage_main', 'launch_main', 'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run',
+           'run_command', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #cf7db02d
 from .config import file_digest
@@ -161,15 +162,30 @@ def _stage_cells_only(lines:list[str]) -> list[str]:
     "An IPython input transformer: a cell that is not a `stage_cell` becomes empty."
     return lines if stage_cell(''.join(lines)) else []
 
+def exit_without_teardown(ip=None):
+    """An `atexit` handler that ends the process at once: the handlers registered after it (the stage's imports:
+    trackers, loggers) have run, IPython's history is closed (`ip`), logs are flushed; Python's own teardown of every
+    module (torch, diffusers: 1.5-3 s) is skipped."""
+    import logging
+    if ip is not None: ip.atexit_operations()
+    logging.shutdown()
+    for f in (sys.__stdout__, sys.__stderr__):
+        try: f.flush()
+        except (AttributeError, OSError, ValueError): pass
+    os._exit(0)
+
 def stage_only(params_file=None,   # the notebook's `params_file` parameter
                run_dir=None        # the notebook's `run_dir` parameter
               ) -> bool:           # whether the kernel now skips examples
-    "In a batch run (a params file or a run directory given), have the kernel run only `stage_cell`s from here on."
+    """In a batch run (a params file or a run directory given), have the kernel run only `stage_cell`s from here on,
+    and end without Python's teardown when the runner shuts it down (`exit_without_teardown`)."""
     if (params_file is None and run_dir is None) or os.environ.get('IN_TEST'): return False
     from IPython import get_ipython
     ip = get_ipython()
     if ip is None: return False
-    if _stage_cells_only not in ip.input_transformers_cleanup: ip.input_transformers_cleanup.append(_stage_cells_only)
+    if _stage_cells_only not in ip.input_transformers_cleanup:
+        ip.input_transformers_cleanup.append(_stage_cells_only)
+        atexit.register(exit_without_teardown, ip)
     return True
 
 # %% ../nbs/08_pipeline.ipynb #711af070
@@ -587,6 +603,23 @@ def _kernel_manager(folder, log_path, opened:list, kernels:list):
             return out
     return StageKernelManager
 
+def _stage_engine(every:float=2.0) -> str:
+    """papermill's nbclient engine, registered as `medsynth`, saving the executed notebook at most every `every` seconds
+    while cells run (papermill saves, and validates, the whole notebook twice per cell: 3 s of a stage's 80 short
+    cells) and whole at the end, when the stage succeeds, fails or its kernel dies."""
+    from papermill.engines import NBClientEngine, papermill_engines
+    class StageEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kw):
+            save, last = nb_man.save, [0.0]
+            def throttled(**k):
+                if time.time() - last[0] >= every: save(**k); last[0] = time.time()
+            nb_man.save = throttled
+            try: return super().execute_managed_notebook(nb_man, kernel_name, **kw)
+            finally: nb_man.save = save   # papermill's closing save writes it all
+    papermill_engines.register('medsynth', StageEngine)
+    return 'medsynth'
+
 def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, overrides:dict, force:bool=False,
                   kernel_name:str='python3', progress:bool=False):
     "Execute the stage notebook `src` with papermill into `out`, in `src`'s folder as Jupyter would (`runner_cells` only)."
@@ -597,7 +630,7 @@ def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, over
     td, klog, opened, kernels = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], []
     try: pm.execute_notebook(nb, str(out), parameters=dict(params_file=params_file, run_dir=run_dir, overrides=overrides, force=force),
                              kernel_name=kernel_name, language='python', cwd=str(src.parent), progress_bar=progress, log_output=False,
-                             kernel_manager_class=_kernel_manager(td, klog, opened, kernels))
+                             kernel_manager_class=_kernel_manager(td, klog, opened, kernels), engine_name=_stage_engine())
     finally:   # an interrupted run (Ctrl+C, SIGTERM) ends its kernel, and what the kernel started, and removes what they were writing
         with _signals_deferred():
             if any([end_process_group(*k) for k in kernels]): remove_stale_temporaries(run_dir, recursive=True)
