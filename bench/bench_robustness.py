@@ -30,6 +30,7 @@ RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathm
         'reinhard': dict(classifier_stain_norm='reinhard'),
         'light+reinhard': dict(classifier_stain=0.05, classifier_degrade=0.25, classifier_stain_norm='reinhard'),
         'degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=60),
+        'degrade-90': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=90),
         'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
         'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
     }.items()}
