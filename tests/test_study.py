@@ -69,3 +69,18 @@ def test_study_miniature(tmp_path):
     assert again['rows'] == study['rows']
     after = _snapshot(sd)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+
+
+@pytest.mark.slow
+def test_bench_mix_weight_reproduces_the_stage(tmp_path):
+    "The real-weighting bench on a finished tiny run: with the real images once (k = 1) it is the evaluate stage's own mixed classifier."
+    sd = tmp_path/'study'
+    run_study('params/demo-cpu.yaml', sd, sizes='8', overrides=TINY, log=lambda m: None)
+    out = subprocess.run(['python', str(ROOT/'bench'/'bench_mix_weight.py'), str(sd/'n8'), '--repeat-real', '1,2', '--seeds', '1',
+                          '--epochs', str(TINY['eval_epochs'])], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {l.split(':')[0]: l for l in out.stdout.splitlines() if l.startswith('real x')}
+    assert list(rows) == ['real x1', 'real x2'], out.stdout
+    aug = read_json(sd/'n8'/'report'/'metrics.json')['augmentation']
+    assert f"mixed {aug['real_plus_synthetic']['accuracy']:.3f}" in rows['real x1'], (rows, aug['real_plus_synthetic']['accuracy'])
+    assert f"gain {aug['accuracy_delta']:+.3f}" in rows['real x1'], (rows, aug['accuracy_delta'])

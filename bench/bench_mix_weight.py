@@ -1,0 +1,52 @@
+"""Does weighting the real images up help the real + synthetic classifier at a fixed budget? (issue 15)
+
+    python bench/bench_mix_weight.py RUN_DIR [--repeat-real 1,3] [--seeds 3] [--epochs 30]
+
+On a finished run (e.g. one size of `medsynth study`), trains the evaluation's real-only and real + synthetic
+classifiers (the judge's recipe, the same optimisation steps: `--epochs` over the real images) with the real
+images repeated k times in the mixed set, which is weighting them k-fold in its batches, and prints the paired
+gain (mixed - real only, mean ± sd over seeds) for each k. The synthetic images are the self-check's accepted ones.
+"""
+import argparse, math, sys
+from pathlib import Path
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('run_dir'); ap.add_argument('--repeat-real', default='1,3'); ap.add_argument('--seeds', type=int, default=3)
+    ap.add_argument('--epochs', type=int, default=30)
+    a = ap.parse_args(argv)
+    from medsynth.config import load_params
+    from medsynth.data import load_split, load_classes
+    from medsynth.classify import fit_kwargs, fit_classifier, load_classifier, predict
+    from medsynth import evaluate as ev
+    rd = Path(a.run_dir)
+    P = load_params(rd/'params.yaml', run_dir=str(rd))
+    names = [c['name'] for c in load_classes(rd)]
+    (x_tr, y_tr), (x_te, y_te) = load_split(rd, 'train'), load_split(rd, 'test')
+    kw = fit_kwargs(P)
+    judge = load_classifier(rd/'classifier', device=kw['device'])
+    pred = lambda m: (lambda x: predict(m, x, batch_size=kw['eval_batch_size'], device=kw['device']))
+    c = ev._judge_candidates(rd, pred(judge), size=x_te.shape[1], n_classes=len(names), feature_dim=judge.net.fc.in_features)
+    x_syn, y_syn = c.images[c.accepted_idx], c.labels[c.accepted_idx]
+    def fit_fn(x, y, epochs, seed):   # the evaluate stage's classifiers: the judge's recipe and stain reference
+        return pred(fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
+                                   **{**kw, 'seed': seed, 'stain_norm': judge.meta.get('stain_norm', 'none')})[0])
+    steps = a.epochs * max(1, math.ceil(len(x_tr) / kw['batch_size']))
+    budget = dict(fit_fn=fit_fn, batch_size=kw['batch_size'], steps=steps, seeds=[P.seed + i for i in range(a.seeds)])
+    sd = lambda v: f" ± {v:.3f}" if v is not None and v == v else ''   # one seed: no spread
+    real = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **budget)
+    print(f"{rd}: {len(x_tr)} real, {len(x_syn)} synthetic, {steps} steps; real only {real['accuracy']:.3f}{sd(real.get('accuracy_sd'))}", flush=True)
+    for k in (int(s) for s in a.repeat_real.split(',')):
+        mixed = ev.train_and_score(np.concatenate([x_tr] * k + [x_syn]), np.concatenate([y_tr] * k + [y_syn]), x_te, y_te, names, **budget)
+        d, d_sd = ev.paired_delta(mixed, real, 'accuracy')
+        print(f"real x{k}: real share {k * len(x_tr) / (k * len(x_tr) + len(x_syn)):.2f}, mixed {mixed['accuracy']:.3f}{sd(mixed.get('accuracy_sd'))}, "
+              f"gain {d:+.3f}{sd(d_sd)}", flush=True)
+
+
+if __name__ == '__main__':
+    main()
