@@ -22,7 +22,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from medsynth.config import load_params
     from medsynth.data import load_split, load_classes
-    from medsynth.classify import fit_kwargs, fit_classifier, load_classifier, predict
+    from medsynth.classify import fit_kwargs, load_classifier
     from medsynth import evaluate as ev
     rd = Path(a.run_dir)
     P = load_params(rd/'params.yaml', run_dir=str(rd))
@@ -30,12 +30,9 @@ def main(argv=None):
     (x_tr, y_tr), (x_te, y_te) = load_split(rd, 'train'), load_split(rd, 'test')
     kw = fit_kwargs(P)
     judge = load_classifier(rd/'classifier', device=kw['device'])
-    pred = lambda m: (lambda x: predict(m, x, batch_size=kw['eval_batch_size'], device=kw['device']))
-    c = ev._judge_candidates(rd, pred(judge), size=x_te.shape[1], n_classes=len(names), feature_dim=judge.net.fc.in_features)
+    predict_fn, fit_fn = ev.judge_recipe(P, judge, names)   # the evaluate stage's classifiers
+    c = ev.judge_candidates(rd, predict_fn, size=x_te.shape[1], n_classes=len(names), feature_dim=judge.net.fc.in_features)
     x_syn, y_syn = c.images[c.accepted_idx], c.labels[c.accepted_idx]
-    def fit_fn(x, y, epochs, seed):   # the evaluate stage's classifiers: the judge's recipe and stain reference
-        return pred(fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
-                                   **{**kw, 'seed': seed, 'stain_norm': judge.meta.get('stain_norm', 'none')})[0])
     steps = a.epochs * max(1, math.ceil(len(x_tr) / kw['batch_size']))
     budget = dict(fit_fn=fit_fn, batch_size=kw['batch_size'], steps=steps, seeds=[P.seed + i for i in range(a.seeds)])
     sd = lambda v: f" ± {v:.3f}" if v is not None and v == v else ''   # one seed: no spread

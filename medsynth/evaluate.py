@@ -18,7 +18,7 @@ from .selfcheck import load_candidates, candidate_path, plot_acceptance, describ
 __all__ = ['frechet_distance', 'kid', 'precision_recall', 'distance_scores', 'prompt_scores', 'plot_prf', 'plot_prompt_confusion',
            'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'plot_copy_scores',
            'headline_rows', 'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score',
-           'budget_note', 'mean_sd', 'paired_delta', 'evaluate_run', 'run_evaluate']
+           'budget_note', 'mean_sd', 'paired_delta', 'judge_candidates', 'evaluate_run', 'judge_recipe', 'run_evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #4ea1f327
 def _features(x, name:str='features') -> np.ndarray:
@@ -523,7 +523,7 @@ class _Candidates(NamedTuple):
     before_idx: np.ndarray    # rows of `images` that are `before`
     accepted_idx: np.ndarray  # rows of `images` that are `accepted`
 
-def _judge_candidates(rd:Path, predict_fn, *, size:int, n_classes:int, feature_dim:int) -> _Candidates:
+def judge_candidates(rd:Path, predict_fn, *, size:int, n_classes:int, feature_dim:int) -> _Candidates:
     "Read every round-0 and accepted candidate of run `rd` once (at `size` px) and classify them with the judge."
     rows = load_candidates(rd)
     judged = any('accepted' in r for r in rows)
@@ -734,7 +734,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     p_te = predict_fn(x_te)
     real_test = prompt_scores(y_te, p_te['probs'], names)
     lap('judge on real')
-    cands = _judge_candidates(rd, predict_fn, size=x_te.shape[1], n_classes=len(names), feature_dim=p_te['features'].shape[1])
+    cands = judge_candidates(rd, predict_fn, size=x_te.shape[1], n_classes=len(names), feature_dim=p_te['features'].shape[1])
     generated = prompt_scores(cands.labels[cands.before_idx], cands.judge['probs'][cands.before_idx], names)
     lap('judge on generated')
     sc = _selfcheck_metrics(rd, cands.rows, names)
@@ -766,6 +766,22 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     say(f"report written to {out} in {time.time() - t0:.0f} s")
     return metrics
 
+# %% ../nbs/06_evaluate.ipynb #ef763ccd
+def judge_recipe(P:Params,              # resolved parameters (the judge's recipe: `fit_kwargs(P)`)
+                 judge,                 # the run's trained `Classifier`
+                 names:list[str]        # class names in label order
+                ) -> tuple:             # (predict_fn, fit_fn)
+    """The evaluation's two classifiers: `predict_fn(x)`, the judge's predictions, and `fit_fn(x, y, epochs, seed)`, a fresh
+    classifier trained on `(x, y)` with the judge's recipe and stain reference (the real training split's), returned as
+    its `predict_fn`. Among several processes (`accelerate launch`) it trains data-parallel and predictions are split."""
+    kw = fit_kwargs(P)
+    pred = lambda m: (lambda x: predict(m, x, batch_size=kw['eval_batch_size'], device=kw['device'], split=True))
+    def fit_fn(x, y, epochs, seed):
+        return pred(fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
+                                   **{**kw, 'seed': seed, 'stain_norm': judge.meta.get('stain_norm', 'none')})[0])
+    return pred(judge), fit_fn
+
+
 # %% ../nbs/06_evaluate.ipynb #c5edc022
 def run_evaluate(P:Params, *, force:bool=False) -> dict:
     "The evaluate stage: score the run and write `report/`; a report complete for the same parameters is kept."
@@ -777,13 +793,7 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
         return read_json(out/'metrics.json')
     kw = fit_kwargs(P)          # the judge's recipe: batch size, lr, weights, image size, augmentation, device, seed
     names = [c['name'] for c in load_classes(rd)]
-    judge_model = load_classifier(rd/'classifier', device=kw['device'])
-    # several processes (`accelerate launch`): the classifiers train data-parallel, predictions are split, the main process writes
-    predict_fn = lambda x: predict(judge_model, x, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
-    def fit_fn(x, y, epochs, seed):
-        model, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False,
-                                  **{**kw, 'seed': seed, 'stain_norm': judge_model.meta.get('stain_norm', 'none')})   # the judge's reference: the real training split's
-        return lambda xt: predict(model, xt, batch_size=kw['eval_batch_size'], device=kw['device'], split=True)
+    predict_fn, fit_fn = judge_recipe(P, load_classifier(rd/'classifier', device=kw['device']), names)
     metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,
                            prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class, novelty_fpr=P.novelty_fpr,
