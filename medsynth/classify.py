@@ -927,14 +927,14 @@ def plot_robustness(rob:dict,                  # `robustness`'s result
     ys = np.arange(len(names))
     for k, (level, colour) in enumerate((('mild', 'C0'), ('strong', 'C3'))):
         acc = [rob['perturbations'][n][level]['accuracy'] for n in names]
-        lab = [f"{n} ({rob['perturbations'][n][level]['strength']})" for n in names]
         ax.barh(ys + (k - 0.5) * 0.38, acc, height=0.36, color=colour, label=f'{level}')
     ax.axvline(clean, color='k', lw=1.2, label=f'clean ({clean:.3f})')
     for g, colour in zip(goals, ('C0', 'C3')): ax.axvline(clean - g, color=colour, ls='--', lw=1, label=f'clean − {g}')
     ax.set_yticks(ys); ax.set_yticklabels([f"{n}: {rob['perturbations'][n]['mild']['strength']} / {rob['perturbations'][n]['strong']['strength']}" for n in names], fontsize=8)
     ax.invert_yaxis(); ax.set_xlim(0, 1); ax.set_xlabel(f"test accuracy (n={rob['n']})"); ax.grid(axis='x', alpha=.3)
-    ax.set_title("the judge under perturbations (mild / strong strength)", fontsize=10); ax.legend(fontsize=7, loc='lower left')
-    fig.tight_layout()
+    ax.set_title("the judge under perturbations (mild / strong strength)", fontsize=10)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc='lower center', ncol=5)   # below the axes: no bar hidden
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     _save_fig(fig, path)
     return fig
 
