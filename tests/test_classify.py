@@ -1,11 +1,10 @@
-"The classifier stage: quality on real PathMNIST, chance on shuffled labels, exact reloads, the stage's files."
-import os, time
+"The classifier stage: chance on shuffled labels, exact reloads, the stage's files (its quality on real PathMNIST: the end-to-end test)."
+import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from medsynth.config import load_params, read_json
-from medsynth.classify import (fit_classifier, fit_kwargs, predict, score, save_classifier, load_classifier, run_classify,
+from medsynth.classify import (fit_classifier, predict, save_classifier, load_classifier, run_classify,
                                shuffled_label_check, init_weights, Classifier)
 import medsynth.classify as mc
 
@@ -16,24 +15,6 @@ NAMES = ['adipose', 'background', 'debris', 'lymphocytes', 'mucus', 'smooth musc
 def _npz(path):
     d = np.load(path)
     return {k: d[k] for k in d.files}
-
-
-@pytest.mark.slow
-def test_pathmnist_accuracy(pathmnist_npz, tmp_path):
-    "ResNet-18 from scratch on pathmnist_mini (28 px, CPU) with the pathmnist-cpu profile: >= 0.75 test accuracy (its time is a benchmark's)."
-    d = _npz(pathmnist_npz)
-    P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir=str(tmp_path/'run'), device='cpu')
-    model, hist = fit_classifier(d['train_images'], d['train_labels'], d['val_images'], d['val_labels'], n_classes=9,
-                                 classes=NAMES, epochs=P.classifier_epochs, progress=False, **fit_kwargs(P))
-    r = predict(model, d['test_images'])
-    s = score(d['test_labels'][:, 0], r['probs'], NAMES)
-    secs = model.meta['train_seconds']
-    print(f"pathmnist_mini: test accuracy {s['accuracy']:.3f}, macro AUC {s['macro_auc']:.3f}, macro F1 {s['macro_f1']:.3f}, "
-          f"best epoch {model.meta['best_epoch']}/{P.classifier_epochs}, {secs:.0f} s of training, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    assert s['n'] == 199
-    assert s['accuracy'] >= 0.75, s['accuracy']
-    assert s['macro_auc'] >= 0.95, s['macro_auc']
 
 
 @pytest.mark.slow

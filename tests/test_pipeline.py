@@ -416,7 +416,10 @@ def test_pathmnist_cpu_end_to_end(tmp_path, pathmnist_npz):
     t, table = _run_profile('pathmnist-cpu.yaml', rd, timeout=2400)
     print(table)
     m = read_json(rd/'report'/'metrics.json')
-    assert m['real_test']['n'] > 0 and m['real_test']['accuracy'] >= 0.75, m['real_test']
+    # the judge: ResNet-18 from scratch on pathmnist_mini with the profile's recipe, on all 199 real test images
+    # (0.80-0.84 accuracy over seeds; bench/RESULTS.md)
+    judge = {k: m['real_test'][k] for k in ('n', 'accuracy', 'macro_auc', 'macro_f1')}
+    assert judge['n'] == 199 and judge['accuracy'] >= 0.75 and judge['macro_auc'] >= 0.95, judge
     # 0.77 on 2026-12-02 (random generators: 0.01-0.02; resizing 28 -> 32 -> 28 or 600 UNet steps: 0.41-0.43)
     assert m['generated']['macro_f1'] >= 0.5, m['generated']
     # the CAS / augmentation classifiers are trained enough to compare (3 epochs' budget gave 0.37-0.47; 10 give 0.71-0.72)
