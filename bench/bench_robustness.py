@@ -9,14 +9,17 @@ strengths, the same perturbed images for every recipe). Prints one table per rec
 the worst drop at each strength, and whether issue 18's goal holds (clean >= 0.82, every mild drop <= 0.05, every
 strong drop <= 0.15). `--tta` scores each trained judge a second time with test-time augmentation (the mean over
 the 8 flips/rotations, `classifier_tta`), as recipe `<name>+tta`: the same weights, so the two rows differ by TTA only.
+`--ensemble K` trains K judges per seed (seeds s, s + 1000, ...) and scores their mean probabilities as recipe
+`<name>+ensK`, after the first member alone (the plain recipe's row, the same weights).
 """
-import argparse, json, sys, time
+import argparse, contextlib, json, sys, time
 from pathlib import Path
 import numpy as np, torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from medsynth.config import load_params
+import medsynth.classify as mc
 from medsynth.classify import fit_classifier, fit_kwargs, robustness
 
 _PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_stain_norm='none')
@@ -40,16 +43,32 @@ RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathm
 def split(d, s): return d[f'{s}_images'], d[f'{s}_labels'].reshape(-1).astype(np.int64)
 
 
-def run(recipe:str, seed:int, data, classes, threads:int, tta:bool=False) -> list[dict]:
+@contextlib.contextmanager
+def averaged(members:list):
+    "`classify.predict` of any one member returns the mean probabilities of all `members` (for `robustness` of an ensemble)."
+    one = mc.predict
+    def predict(model, images, **kw):
+        rs = [one(m, images, **kw) for m in members]
+        return {**rs[0], 'probs': np.mean([r['probs'] for r in rs], 0)}
+    mc.predict = predict
+    try: yield members[0]
+    finally: mc.predict = one
+
+
+def run(recipe:str, seed:int, data, classes, threads:int, tta:bool=False, ensemble:int=1) -> list[dict]:
     torch.set_num_threads(threads)
-    P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir='/tmp/unused', device='cpu', seed=seed, **RECIPES[recipe])
     (xtr, ytr), (xva, yva), (xte, yte) = (split(data, s) for s in ('train', 'val', 'test'))
-    t0 = time.time()
-    model, _ = fit_classifier(xtr, ytr, xva, yva, n_classes=len(classes), classes=classes, epochs=P.classifier_epochs,
-                              progress=False, **fit_kwargs(P))
-    seconds = round(time.time() - t0, 1)
-    return [{**robustness(model, xte, yte, classes, seed=0, tta=t), 'recipe': recipe + ('+tta' if t else ''), 'seed': seed,
-             'train_seconds': seconds} for t in ((False, True) if tta else (False,))]
+    t0, members = time.time(), []
+    for k in range(ensemble):
+        P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir='/tmp/unused', device='cpu', seed=seed + 1000 * k, **RECIPES[recipe])
+        members.append(fit_classifier(xtr, ytr, xva, yva, n_classes=len(classes), classes=classes, epochs=P.classifier_epochs,
+                                      progress=False, **fit_kwargs(P))[0])
+    seconds, out = round(time.time() - t0, 1), []
+    for name, ms in ((recipe, members[:1]),) + (((f'{recipe}+ens{ensemble}', members),) if ensemble > 1 else ()):
+        with averaged(ms) as model:
+            out += [{**robustness(model, xte, yte, classes, seed=0, tta=t), 'recipe': name + ('+tta' if t else ''), 'seed': seed,
+                     'train_seconds': seconds} for t in ((False, True) if tta else (False,))]
+    return out
 
 
 def table(r:dict) -> str:
@@ -67,6 +86,7 @@ def main():
     ap.add_argument('--seeds', default='0')
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--tta', action='store_true', help="also score each judge with test-time augmentation")
+    ap.add_argument('--ensemble', type=int, default=1, help="judges per seed whose mean probabilities are scored too")
     ap.add_argument('--out', default=None)
     a = ap.parse_args()
     data = np.load(a.npz)
@@ -74,13 +94,13 @@ def main():
     results = []
     for seed in map(int, a.seeds.split(',')):
         for recipe in a.recipes.split(','):
-            for r in run(recipe, seed, data, classes, a.threads, a.tta):
+            for r in run(recipe, seed, data, classes, a.threads, a.tta, a.ensemble):
                 results.append(r); print(table(r), flush=True)
             if a.out: Path(a.out).write_text(json.dumps(results, indent=1))
-    print(f"\n{'recipe':<16}{'seed':>5}{'clean':>8}{'worst mild':>12}{'worst strong':>14}  goal (clean >= 0.82, mild <= 0.05, strong <= 0.15)")
+    print(f"\n{'recipe':<24}{'seed':>5}{'clean':>8}{'worst mild':>12}{'worst strong':>14}  goal (clean >= 0.82, mild <= 0.05, strong <= 0.15)")
     for r in results:
         ok = r['clean']['accuracy'] >= 0.82 and r['worst_drop_mild'] <= 0.05 and r['worst_drop_strong'] <= 0.15
-        print(f"{r['recipe']:<16}{r['seed']:>5}{r['clean']['accuracy']:>8.3f}{r['worst_drop_mild']:>12.3f}{r['worst_drop_strong']:>14.3f}  {'met' if ok else 'not met'}")
+        print(f"{r['recipe']:<24}{r['seed']:>5}{r['clean']['accuracy']:>8.3f}{r['worst_drop_mild']:>12.3f}{r['worst_drop_strong']:>14.3f}  {'met' if ok else 'not met'}")
 
 
 if __name__ == '__main__': main()
