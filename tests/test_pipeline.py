@@ -145,10 +145,8 @@ def test_failure_names_stage_notebook_and_error_then_resumes(tmp_path):
 
 def test_interrupted_stage_resumes(tmp_path):
     "SIGINT in the middle of a stage: exit 130, no stamp, lock released; the next run finishes the remaining work."
-    # 20 items of 0.5 s: the SIGINT comes after the second, and the runner has seconds to end the kernel before the cell
-    # could finish on its own (with 6 items, one CI run in many saw the stage end first and the run exit 0)
     work = """out = rd/'items'; out.mkdir(exist_ok=True)
-for i in range(20):
+for i in range(6):
     if (out/f'{i}.txt').exists(): continue      # resumable: work already done is skipped
     (out/f'{i}.txt').write_text(str(i))
     with open(rd/'work.log', 'a') as f: f.write(f'{i}\\n')
@@ -167,11 +165,11 @@ for i in range(20):
     assert 'interrupted' in err
     assert read_stamp(rd, 'data') is None and not (rd/'.medsynth.lock').exists()
     done = (rd/'work.log').read_text().split()
-    assert 2 <= len(done) < 20
+    assert 2 <= len(done) < 6
     time.sleep(1)  # let the orphaned kernel notice (it exits when its parent does)
     res, _ = go(tmp_path, nbs=nbs)
     assert res == dict(config='skipped', data='ran', classify='ran')
-    assert sorted(map(int, (rd/'work.log').read_text().split())) == list(range(20))  # each item done once
+    assert sorted((rd/'work.log').read_text().split()) == [str(i) for i in range(6)]  # each item done once
 
 def test_lock_busy_and_stale(tmp_path):
     make_nbs(tmp_path/'nbs')
