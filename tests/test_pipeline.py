@@ -153,8 +153,11 @@ for i in range(6):
     time.sleep(0.5)"""
     nbs = make_nbs(tmp_path/'nbs', extra={'data': work})
     rd = tmp_path/'run'
+    # Ctrl+C's SIGINT as a terminal delivers it: a suite started in the background by a shell (`bash .ci/test &`) runs
+    # with SIGINT ignored, which its children inherit, and the runner would never see it
     p = subprocess.Popen(['medsynth', 'run', 'params/demo-cpu.yaml', '--run-dir', str(rd), '--nbs', str(nbs)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not ((rd/'work.log').exists() and len((rd/'work.log').read_text().split()) >= 2):
         assert time.time() < deadline and p.poll() is None
