@@ -22,7 +22,7 @@ from medsynth.config import load_params
 import medsynth.classify as mc
 from medsynth.classify import fit_classifier, fit_kwargs, robustness
 
-_PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_stain_norm='none')
+_PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_consistency=0.0, classifier_stain_norm='none')
 RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathmnist-cpu.yaml (whose own recipe is 'light')
     name: {**_PLAIN, **kw} for name, kw in {
         'today':   {},
@@ -37,6 +37,9 @@ RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathm
         'degrade-90': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_epochs=90),
         'reinhard+degrade': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard'),
         'reinhard+degrade-long': dict(classifier_stain=0.05, classifier_degrade=0.5, classifier_stain_norm='reinhard', classifier_epochs=60),
+        'consistency': dict(classifier_stain=0.05, classifier_consistency=3.0, classifier_epochs=60),
+        'consistency-45': dict(classifier_stain=0.05, classifier_consistency=3.0, classifier_epochs=45),
+        'consistency-12': dict(classifier_stain=0.05, classifier_consistency=12.0, classifier_epochs=30),
     }.items()}
 
 

@@ -672,9 +672,19 @@ def _optimiser(model, *, lr:float, weight_decay:float, warmup:float, steps:int, 
     autocast = torch.autocast(device.type, dtype=torch_dtype(precision), enabled=precision != 'fp32')
     return _Optimiser(opt, sched, scaler, autocast)
 
+
+# %% ../nbs/02_classify.ipynb #8e87fa0a
+def _js(a:torch.Tensor, b:torch.Tensor) -> torch.Tensor:
+    "Jensen-Shannon divergence (nats) between the softmax distributions of logits `a` and `b`, NÃ—C each, averaged over N."
+    pa, pb = a.softmax(1), b.softmax(1)
+    log_m = ((pa + pb) / 2).clamp_min(1e-7).log()
+    return (F.kl_div(log_m, pa, reduction='batchmean') + F.kl_div(log_m, pb, reduction='batchmean')) / 2
+
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 aug:dict, num_workers:int=0, ddp=None) -> dict:
+                 aug:dict, consistency:float=0.0, num_workers:int=0, ddp=None) -> dict:
     """One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`. With
+    `consistency` > 0 every augmented image is trained on beside a `random_degrade` copy of it, and the loss adds
+    `consistency` Ã— the Jensen-Shannon divergence of the two predictions (train accuracy counts the first). With
     `ddp` (several processes) each process takes its part of every batch of the main process's permutation, the
     gradients are averaged, and every process ends the epoch with the main one's weights and BatchNorm statistics."""
     model.train()
@@ -685,9 +695,12 @@ def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, devic
         xb = xb.to(device, non_blocking=True).float().div_(255)
         yb = y[idx].to(device, non_blocking=True)
         if any(aug.values()): xb = augment(xb, **aug)
+        if consistency > 0: xb = torch.cat([xb, random_degrade(xb, 1.0)])
         with o.autocast:
-            logits = (ddp or model)(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            logits = (ddp or model)(xb).float()
+            loss = F.cross_entropy(logits, yb.repeat(len(xb) // len(yb)), label_smoothing=label_smoothing)
+            if consistency > 0: loss = loss + consistency * _js(*logits.chunk(2))
+        logits = logits[:len(yb)]
         o.opt.zero_grad(set_to_none=True)
         o.scaler.scale(loss).backward()
         o.scaler.step(o.opt); o.scaler.update(); o.sched.step()
@@ -777,6 +790,7 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
                    stain:float=0.0,               # HED stain shift strength (0: none)
                    degrade:float=0.0,             # fraction of images resized or blurred (0: none)
                    stain_norm:str|dict='none',    # none | reinhard: every image moved to the training images' stain | a `stain_reference`
+                   consistency:float=0.0,         # weight of the clean/degraded consistency loss (`_train_epoch`; 0: none)
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -801,13 +815,13 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
     aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               **aug, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
+               **aug, consistency=consistency, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not (progress and is_main()), initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   aug=aug, num_workers=num_workers, ddp=ddp))
+                                                   aug=aug, consistency=consistency, num_workers=num_workers, ddp=ddp))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
         t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
@@ -815,8 +829,7 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
         if checkpoint and is_main() and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):
             _save_checkpoint(checkpoint, tag, model, o, history, best, best_state, epoch + 1, t_train); last_save = time.time()
         if on_epoch is not None: on_epoch(row)
-    bar.close()
-    return _keep_best(model, history, best, best_state, epochs=epochs, seconds=t_train), history
+    bar.close(); return _keep_best(model, history, best, best_state, epochs=epochs, seconds=t_train), history
 
 # %% ../nbs/02_classify.ipynb #e8ae9d88
 def save_classifier(model:Classifier,        # a trained classifier
@@ -945,7 +958,8 @@ def fit_kwargs(P:Params) -> dict:
                 label_smoothing=P.classifier_label_smoothing, warmup=P.classifier_warmup, weights=P.classifier_weights,
                 image_size=P.classifier_image_size, stem=P.classifier_stem, augment_images=P.classifier_augment,
                 translate=P.classifier_translate, jitter=P.classifier_jitter,
-                stain=P.classifier_stain, degrade=P.classifier_degrade, stain_norm=P.classifier_stain_norm, tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
+                stain=P.classifier_stain, degrade=P.classifier_degrade, consistency=P.classifier_consistency, stain_norm=P.classifier_stain_norm,
+                tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
                 device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
 # %% ../nbs/02_classify.ipynb #94cd4cb4

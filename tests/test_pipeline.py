@@ -72,12 +72,10 @@ def test_cli_full_run_then_skip(tmp_path):
         e = t['stages'][s]
         assert e['status'] == 'ran' and e['wall_s'] > 0 and e['peak_rss_mib'] > 20, (s, e)
     assert not (rd/'.medsynth.lock').exists()
-    t0 = time.time()
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.count('skipped: outputs complete for these parameters') == 7
-    assert executed(tmp_path) == list(STAGES)  # no stage executed again
-    assert time.time() - t0 < 30
+    assert executed(tmp_path) == list(STAGES)  # no stage executed again, no kernel started
     assert all(v['status'] == 'skipped' and v['wall_s'] > 0 for v in read_json(rd/'timings.json')['stages'].values())
 
 def test_changed_param_reruns_that_stage_and_later(tmp_path):
