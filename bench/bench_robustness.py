@@ -9,6 +9,8 @@ strengths, the same perturbed images for every recipe). Prints one table per rec
 the worst drop at each strength, and whether issue 18's goal holds (clean >= 0.82, every mild drop <= 0.05, every
 strong drop <= 0.15). `--tta` scores each trained judge a second time with test-time augmentation (the mean over
 the 8 flips/rotations, `classifier_tta`), as recipe `<name>+tta`: the same weights, so the two rows differ by TTA only.
+Recipes `consistency*` train for invariance (`classifier_consistency`: each image beside a degraded copy, with a
+Jensen-Shannon term between the two predictions) instead of `classifier_degrade`.
 `--ensemble K` trains K judges per seed (seeds s, s + 1000, ...) and scores their mean probabilities as recipe
 `<name>+ensK`, after the first member alone (the plain recipe's row, the same weights).
 """
