@@ -788,7 +788,7 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
                    translate:float=0.07,          # random shifts up to this fraction of the image size (0: none)
                    jitter:float=0.1,              # colour jitter strength (0: none)
                    stain:float=0.0,               # HED stain shift strength (0: none)
-                   degrade:float=0.0,             # fraction of images resized or blurred (0: none)
+                   degrade:float=0.0,             # fraction of images resized, blurred or JPEG-compressed (0: none)
                    stain_norm:str|dict='none',    # none | reinhard: every image moved to the training images' stain | a `stain_reference`
                    consistency:float=0.0,         # weight of the clean/degraded consistency loss (`_train_epoch`; 0: none)
                    classes:list[str]|None=None,   # class names, stored in the model's meta
