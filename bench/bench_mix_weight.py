@@ -1,13 +1,17 @@
 """Does weighting the real images up help the real + synthetic classifier at a fixed budget? (issue 15)
 
-    python bench/bench_mix_weight.py RUN_DIR [--repeat-real 1,3] [--seeds 3] [--epochs 30]
+    python bench/bench_mix_weight.py RUN_DIR [--repeat-real 1,3] [--seeds 3] [--epochs 30] [--pretrain]
 
 On a finished run (e.g. one size of `medsynth study`), trains the evaluation's real-only and real + synthetic
 classifiers (the judge's recipe, the same optimisation steps: `--epochs` over the real images) with the real
 images repeated k times in the mixed set, which is weighting them k-fold in its batches, and prints the paired
 gain (mixed - real only, mean ± sd over seeds) for each k. The synthetic images are the self-check's accepted ones.
+
+`--pretrain` adds the other way of using them: a classifier trained on the synthetic images alone (the same steps),
+then fine-tuned on the real ones (the same steps again), against real only trained for the same number of steps
+in all (twice the budget), so the comparison holds the compute fixed.
 """
-import argparse, math, sys
+import argparse, math, sys, tempfile
 from pathlib import Path
 import numpy as np
 
@@ -18,11 +22,12 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('run_dir'); ap.add_argument('--repeat-real', default='1,3'); ap.add_argument('--seeds', type=int, default=3)
-    ap.add_argument('--epochs', type=int, default=30)
+    ap.add_argument('--epochs', type=int, default=30); ap.add_argument('--pretrain', action='store_true')
     a = ap.parse_args(argv)
     from medsynth.config import load_params
     from medsynth.data import load_split, load_classes
-    from medsynth.classify import fit_kwargs, load_classifier
+    import torch
+    from medsynth.classify import fit_kwargs, load_classifier, fit_classifier, predict
     from medsynth import evaluate as ev
     rd = Path(a.run_dir)
     P = load_params(rd/'params.yaml', run_dir=str(rd))
@@ -38,11 +43,25 @@ def main(argv=None):
     sd = lambda v: f" ± {v:.3f}" if v is not None and v == v else ''   # one seed: no spread
     real = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **budget)
     print(f"{rd}: {len(x_tr)} real, {len(x_syn)} synthetic, {steps} steps; real only {real['accuracy']:.3f}{sd(real.get('accuracy_sd'))}", flush=True)
-    for k in (int(s) for s in a.repeat_real.split(',')):
+    for k in (int(s) for s in a.repeat_real.split(',') if s):
         mixed = ev.train_and_score(np.concatenate([x_tr] * k + [x_syn]), np.concatenate([y_tr] * k + [y_syn]), x_te, y_te, names, **budget)
         d, d_sd = ev.paired_delta(mixed, real, 'accuracy')
         print(f"real x{k}: real share {k * len(x_tr) / (k * len(x_tr) + len(x_syn)):.2f}, mixed {mixed['accuracy']:.3f}{sd(mixed.get('accuracy_sd'))}, "
               f"gain {d:+.3f}{sd(d_sd)}", flush=True)
+    if a.pretrain:
+        def pretrained_fit(x, y, epochs, seed):   # synthetic for as many steps as (x, y) gets, then (x, y) from those weights
+            syn_epochs = max(1, round(epochs * math.ceil(len(x) / kw['batch_size']) / math.ceil(len(x_syn) / kw['batch_size'])))
+            common = {**kw, 'seed': seed, 'stain_norm': judge.meta.get('stain_norm', 'none')}
+            m, _ = fit_classifier(x_syn, y_syn, n_classes=len(names), classes=names, epochs=syn_epochs, progress=False, **common)
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(m.net.state_dict(), Path(tmp)/'synthetic.pth')
+                m, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **{**common, 'weights': str(Path(tmp)/'synthetic.pth')})
+            return lambda z: predict(m, z, batch_size=kw['eval_batch_size'], device=kw['device'])
+        two = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'fit_fn': pretrained_fit})
+        real2 = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'steps': 2 * steps})
+        d, d_sd = ev.paired_delta(two, real2, 'accuracy')
+        print(f"synthetic, then real ({steps} + {steps} steps): {two['accuracy']:.3f}{sd(two.get('accuracy_sd'))}; real only, {2 * steps} steps: "
+              f"{real2['accuracy']:.3f}{sd(real2.get('accuracy_sd'))}; gain {d:+.3f}{sd(d_sd)}", flush=True)
 
 
 if __name__ == '__main__':
