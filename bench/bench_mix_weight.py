@@ -9,14 +9,26 @@ gain (mixed - real only, mean ± sd over seeds) for each k. The synthetic images
 
 `--pretrain` adds the other way of using them: a classifier trained on the synthetic images alone (the same steps),
 then fine-tuned on the real ones (the same steps again), against real only trained for the same number of steps
-in all (twice the budget), so the comparison holds the compute fixed.
+in all (twice the budget), so the comparison holds the compute fixed. The second stage is the recipe's training
+from scratch with the first stage's weights put in place of the fresh ones (each stage normalised by its own images'
+channel statistics, as a training from scratch is).
 """
-import argparse, math, sys, tempfile
+import argparse, contextlib, math, sys
 from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+@contextlib.contextmanager
+def fresh_weights(init):
+    "Within the block, `classify.new_classifier` initialises every classifier with `init(model, weights)`."
+    import medsynth.classify as mc
+    own = mc.init_weights
+    mc.init_weights = init
+    try: yield
+    finally: mc.init_weights = own
 
 
 def main(argv=None):
@@ -26,7 +38,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from medsynth.config import load_params
     from medsynth.data import load_split, load_classes
-    import torch
+    import medsynth.classify as mc
     from medsynth.classify import fit_kwargs, load_classifier, fit_classifier, predict
     from medsynth import evaluate as ev
     rd = Path(a.run_dir)
@@ -48,14 +60,15 @@ def main(argv=None):
         d, d_sd = ev.paired_delta(mixed, real, 'accuracy')
         print(f"real x{k}: real share {k * len(x_tr) / (k * len(x_tr) + len(x_syn)):.2f}, mixed {mixed['accuracy']:.3f}{sd(mixed.get('accuracy_sd'))}, "
               f"gain {d:+.3f}{sd(d_sd)}", flush=True)
-    if a.pretrain:
+    if a.pretrain and len(x_syn) < 2: print(f'synthetic, then real: {len(x_syn)} accepted synthetic image(s), nothing to pre-train on')
+    elif a.pretrain:
         def pretrained_fit(x, y, epochs, seed):   # synthetic for as many steps as (x, y) gets, then (x, y) from those weights
             syn_epochs = max(1, round(epochs * math.ceil(len(x) / kw['batch_size']) / math.ceil(len(x_syn) / kw['batch_size'])))
             common = {**kw, 'seed': seed, 'stain_norm': judge.meta.get('stain_norm', 'none')}
             m, _ = fit_classifier(x_syn, y_syn, n_classes=len(names), classes=names, epochs=syn_epochs, progress=False, **common)
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(m.net.state_dict(), Path(tmp)/'synthetic.pth')
-                m, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **{**common, 'weights': str(Path(tmp)/'synthetic.pth')})
+            synthetic = {k: v.detach().clone() for k, v in m.net.state_dict().items()}
+            with fresh_weights(lambda model, weights: mc.load_backbone(model.net, synthetic)):
+                m, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **common)
             return lambda z: predict(m, z, batch_size=kw['eval_batch_size'], device=kw['device'])
         two = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'fit_fn': pretrained_fit})
         real2 = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'steps': 2 * steps})

@@ -64,7 +64,7 @@ _declare(
     Param('hf_cache', 'path', None, "Hugging Face cache folder (default: HF's own; on Colab with use_drive: on Drive)", optional=True),
     Param('use_drive', 'bool', False, "on Colab: mount Google Drive and keep runs and the HF cache there"),
     Param('drive_dir', 'str', '/content/drive/MyDrive/medsynth', "on Colab with use_drive: the folder on Drive that holds outputs/ and the cache"),
-    Param('study_real_per_class', 'list', ['10', '25', '50', 'all'], "the utility study (`medsynth study`): real training images per class of its runs, one run each; numbers or 'all' (the whole train split)"),
+    Param('study_real_per_class', 'list', ['10', '25', 'all'], "the utility study (`medsynth study`): real training images per class of its runs, one run each; numbers or 'all' (the whole train split). Each size is a whole run: three fit `pathmnist-cpu` in an hour on 2 CPU cores"),
 )
 
 # %% ../nbs/00_config.ipynb #bf155134

@@ -30,7 +30,7 @@ def study_sizes(spec,                          # a list of sizes (numbers or 'al
         if not s.isdigit() or int(s) < 1:
             raise ParamsError(f"`{key}`: {s!r} is not a size: give numbers of real training images per class (at least 1) or 'all'")
         out[str(int(s))] = int(s)
-    if not out: raise ParamsError(f"`{key}`: no sizes given; e.g. 10,25,50,all")
+    if not out: raise ParamsError(f"`{key}`: no sizes given; e.g. 10,25,all")
     if available:
         c, have = min(available.items(), key=lambda kv: kv[1])
         big = [n for n in out.values() if n is not None and n > have]

@@ -1,6 +1,6 @@
 """The utility study end to end: the demo's phantom with tiny budgets at two sizes and one seed, the files it writes,
 and a second call (through the `medsynth study` command) that skips every finished size and changes none of its files."""
-import subprocess
+import re, subprocess
 from pathlib import Path
 import pytest
 from medsynth.config import read_json, file_digest
@@ -73,14 +73,19 @@ def test_study_miniature(tmp_path):
 
 @pytest.mark.slow
 def test_bench_mix_weight_reproduces_the_stage(tmp_path):
-    "The real-weighting bench on a finished tiny run: with the real images once (k = 1) it is the evaluate stage's own mixed classifier."
+    """The real-weighting bench on a finished tiny run: with the real images once (k = 1) it is the evaluate stage's own mixed
+    classifier; `--pretrain` scores synthetic-then-real against real only at twice the steps, and its gain is their difference."""
     sd = tmp_path/'study'
     run_study('params/demo-cpu.yaml', sd, sizes='8', overrides=TINY, log=lambda m: None)
     out = subprocess.run(['python', str(ROOT/'bench'/'bench_mix_weight.py'), str(sd/'n8'), '--repeat-real', '1,2', '--seeds', '1',
-                          '--epochs', str(TINY['eval_epochs'])], capture_output=True, text=True, timeout=600)
+                          '--epochs', str(TINY['eval_epochs']), '--pretrain'], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {l.split(':')[0]: l for l in out.stdout.splitlines() if l.startswith('real x')}
     assert list(rows) == ['real x1', 'real x2'], out.stdout
     aug = read_json(sd/'n8'/'report'/'metrics.json')['augmentation']
     assert f"mixed {aug['real_plus_synthetic']['accuracy']:.3f}" in rows['real x1'], (rows, aug['real_plus_synthetic']['accuracy'])
     assert f"gain {aug['accuracy_delta']:+.3f}" in rows['real x1'], (rows, aug['accuracy_delta'])
+    pre = [l for l in out.stdout.splitlines() if l.startswith('synthetic, then real')]
+    assert len(pre) == 1, out.stdout
+    two, real2, gain = (float(v) for v in re.findall(r'[-+]?\d\.\d{3}', pre[0].split('steps):')[1]))
+    assert 0 <= two <= 1 and 0 <= real2 <= 1 and gain == pytest.approx(two - real2, abs=0.0015), pre[0]
