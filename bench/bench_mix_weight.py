@@ -39,7 +39,7 @@ def main(argv=None):
     from medsynth.config import load_params
     from medsynth.data import load_split, load_classes
     import medsynth.classify as mc
-    from medsynth.classify import fit_kwargs, load_classifier, fit_classifier, predict
+    from medsynth.classify import fit_kwargs, load_classifier, fit_classifier
     from medsynth import evaluate as ev
     rd = Path(a.run_dir)
     P = load_params(rd/'params.yaml', run_dir=str(rd))
@@ -68,8 +68,7 @@ def main(argv=None):
             m, _ = fit_classifier(x_syn, y_syn, n_classes=len(names), classes=names, epochs=syn_epochs, progress=False, **common)
             synthetic = {k: v.detach().clone() for k, v in m.net.state_dict().items()}
             with fresh_weights(lambda model, weights: mc.load_backbone(model.net, synthetic)):
-                m, _ = fit_classifier(x, y, n_classes=len(names), classes=names, epochs=epochs, progress=False, **common)
-            return lambda z: predict(m, z, batch_size=kw['eval_batch_size'], device=kw['device'])
+                return fit_fn(x, y, epochs, seed=seed)                # the evaluation's own recipe, from those weights
         two = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'fit_fn': pretrained_fit})
         real2 = ev.train_and_score(x_tr, y_tr, x_te, y_te, names, **{**budget, 'steps': 2 * steps})
         d, d_sd = ev.paired_delta(two, real2, 'accuracy')
