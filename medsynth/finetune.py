@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_finetune.ipynb #2c30e886
 from __future__ import annotations
-import re, json, math, time, shutil, contextlib, collections
+import re, json, math, time, shutil, tempfile, contextlib, collections
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -78,12 +78,14 @@ def learn_bpe(texts:list[str],       # the texts the merges should cover (the cl
 # %% ../nbs/03_finetune.ipynb #37e77633
 BOS, EOS = '<|startoftext|>', '<|endoftext|>'
 
-def build_tokenizer(texts:list[str],      # captions whose words should be whole tokens
-                    folder:str|Path,       # where vocab.json and merges.txt are written
-                    *, max_length:int=32   # model_max_length: captions are padded/truncated to it
+def build_tokenizer(texts:list[str],          # captions whose words should be whole tokens
+                    folder:str|Path|None=None, # where vocab.json and merges.txt are written (None: a temporary folder, removed)
+                    *, max_length:int=32       # model_max_length: captions are padded/truncated to it
                    ):
     "A `CLIPTokenizer` whose vocabulary is the 256 byte symbols plus BPE merges learnt from `texts`, saved in `folder`."
     from transformers import CLIPTokenizer
+    if folder is None:   # the tokenizer keeps its vocabulary in memory: the files are only its way in
+        with tempfile.TemporaryDirectory(prefix='medsynth-tok-') as tmp: return build_tokenizer(texts, tmp, max_length=max_length)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     merges = learn_bpe(texts)
     base = list(bytes_to_unicode().values())
@@ -118,9 +120,8 @@ def build_tiny_pipeline(captions:list[str],          # the class captions (the t
                         max_length:int=32,            # tokens per caption
                         prediction_type:str='epsilon',# epsilon | v_prediction
                         seed:int=0,                   # weight initialisation
-                        folder:str|Path|None=None):   # where the tokenizer files go (a temporary folder if None)
+                        folder:str|Path|None=None):   # where the tokenizer files go (None: a temporary folder, removed)
     "An untrained Stable-Diffusion-architecture pipeline built from configs: no download."
-    import tempfile
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKL, DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
     vch, uch = _ints(vae_channels, 'tiny_vae_channels'), _ints(unet_channels, 'tiny_unet_channels')
@@ -128,7 +129,7 @@ def build_tiny_pipeline(captions:list[str],          # the class captions (the t
     if resolution % (factor * 2**(len(uch)-1)):
         raise ParamsError(f"`resolution` {resolution} is not divisible by the VAE factor {factor} times the UNet's "
                           f"{2**(len(uch)-1)}: pick a resolution that is a multiple of {factor * 2**(len(uch)-1)}")
-    tok = build_tokenizer(captions, folder or tempfile.mkdtemp(prefix='medsynth-tok-'), max_length=max_length)
+    tok = build_tokenizer(captions, folder, max_length=max_length)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vch,
                         down_block_types=('DownEncoderBlock2D',)*len(vch), up_block_types=('UpDecoderBlock2D',)*len(vch),
@@ -194,10 +195,9 @@ def build_sd15_shaped_pipeline(captions:list[str],  # captions for the offline t
                                *, seed:int=0,
                                folder:str|Path|None=None):  # where the tokenizer files go
     "A random-weight pipeline with Stable Diffusion v1.5's architecture (UNet 859M, VAE 83M, CLIP ViT-L/14 123M)."
-    import tempfile
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKL, DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
-    tok = build_tokenizer(captions, folder or tempfile.mkdtemp(prefix='medsynth-tok-'), max_length=77)
+    tok = build_tokenizer(captions, folder, max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
