@@ -5,11 +5,12 @@ nothing else, Gaussian noise (sd 4 or 8 grey levels), a shift of up to 2 px (7 %
 round trip (quality 75), or all of shift + noise sd 4 + JPEG. Negatives: the real test images, new by definition.
 Every space is searched against the whole training split with `novelty.nearest` (exact) and scored two ways:
 the distance to the nearest training image, and that distance over the distance to the k-th nearest
-(`novelty.copy_score`, after Carlini et al. 2023); the gate's own space (`Space()`) also by the gate's score (the ratio,
-with candidates flatter than half their nearest training image exempted: `NoveltyGate.scores`). The columns are ROC AUCs (copies vs test images); `caught` is the
+(`novelty.copy_score`, after Carlini et al. 2023); the gate's own space (`Space()`) also by the gate's score (the ratio
+of the distances without the candidate's own pixel noise, `Space.noise`, and candidates flatter than half their nearest
+training image exempted: `NoveltyGate.scores`), with and without the noise taken out. The columns are ROC AUCs (copies vs test images); `caught` is the
 share of the all-perturbations copies below the gate's threshold calibrated at fpr 0.01 on val + test.
 The winner is the space that catches most of them there (the gate's operating point), ties broken by mean AUC;
-its AUCs are then split by class: with and without the near-blank background tiles.
+the gate's AUCs are then split by class: with and without the near-blank background tiles.
 
     python bench/bench_novelty_space.py [--npz ../shared/data/pathmnist_mini.npz] [--n 350] [--judge-epochs 15]
 
@@ -71,13 +72,12 @@ def judge_search(x_train, y_train, epochs:int, k:int=2):
         return nearest(views, train, k=k)
     return search
 
-def score_space(search, positives:dict, x_test, x_ref, gate:NoveltyGate|None=None) -> dict:
-    "AUC of each perturbation against the test images, for the distance, the ratio (and the gate's score); `caught` at fpr 0.01."
+def score_space(search, positives:dict, x_test, x_ref, gates:dict|None=None) -> dict:
+    "AUC of each perturbation against the test images, for the distance, the ratio (and the score of each of `gates`, {row: NoveltyGate}); `caught` at fpr 0.01."
     sets = {**positives, 'test': x_test, 'ref': x_ref}
-    flat = gate is not None and gate.space.flat
-    found = {name: gate.scores(x) if flat else (search(x), None) for name, x in sets.items()}   # one search per set
-    hows = {'distance': {n: nb.distance[:, 0] for n, (nb, _) in found.items()}, 'ratio': {n: copy_score(nb) for n, (nb, _) in found.items()}}
-    if flat: hows['ratio, flat exempt'] = {n: s for n, (_, s) in found.items()}
+    found = {name: search(x) for name, x in sets.items()}   # one search per set
+    hows = {'distance': {n: nb.distance[:, 0] for n, nb in found.items()}, 'ratio': {n: copy_score(nb) for n, nb in found.items()}}
+    for how, g in (gates or {}).items(): hows[how] = {n: g.scores(x)[1] for n, x in sets.items()}
     out = {}
     for how, sc in hows.items():
         row = {name: roc_auc_score(np.r_[np.ones(len(sc[name])), np.zeros(len(x_test))], -np.r_[sc[name], sc['test']]) for name in positives}
@@ -104,7 +104,8 @@ def main():
     for name, sp in spaces.items():
         t0 = time.time()
         g = pixel_gate(sp, x_tr)
-        for how, r in score_space(g.search, pos, x_te, x_ref, gate=g if sp == Space() else None).items(): rows[f"{name}: {how}"] = r
+        gates = {"the gate's score": g, "the gate's score, noise kept": pixel_gate(sp._replace(noise=0), x_tr)} if sp == Space() else None
+        for how, r in score_space(g.search, pos, x_te, x_ref, gates).items(): rows[f"{name}: {how}"] = r
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     if a.judge_epochs:
         t0 = time.time()
@@ -118,14 +119,15 @@ def main():
     second = max((n for n in rows if n != best), key=lambda n: (rows[n]['caught'], np.mean([rows[n][c] for c in pos])))
     print(f"\nwinner: {best}: caught {rows[best]['caught']:.2f}, mean AUC {np.mean([rows[best][c] for c in pos]):.4f}, 'all' {rows[best]['all']:.4f}; "
           f"runner-up {second}: caught {rows[second]['caught']:.2f}, mean AUC {np.mean([rows[second][c] for c in pos]):.4f}")
-    by_class(pixel_gate(spaces[best.split(':')[0]], x_tr).search, pos, y_pos, x_te, d['test_labels'].ravel())
+    gate = pixel_gate(Space(), x_tr)
+    by_class(lambda x: gate.scores(x)[1], pos, y_pos, x_te, d['test_labels'].ravel())
 
-def by_class(search, positives:dict, y_pos, x_test, y_test, blank:int=1):
-    "AUC of each perturbation without the background class (`blank`) and for it alone."
-    neg = copy_score(search(x_test))
+def by_class(score, positives:dict, y_pos, x_test, y_test, blank:int=1):
+    "AUC of each perturbation by `score` (images -> scores) without the background class (`blank`) and for it alone."
+    neg = score(x_test)
     def auc(p, n): return roc_auc_score(np.r_[np.ones(len(p)), np.zeros(len(n))], -np.r_[p, n])
     for name, x in positives.items():
-        s, kp, kn = copy_score(search(x)), y_pos != blank, y_test != blank
+        s, kp, kn = score(x), y_pos != blank, y_test != blank
         print(f"  {name}: without background {auc(s[kp], neg[kn]):.4f}; background alone {auc(s[~kp], neg[~kn]):.4f}")
 
 if __name__ == '__main__':

@@ -17,8 +17,9 @@ from .classify import dihedral
 
 # %% auto #0
 __all__ = ['NOVELTY_FILE', 'TRAIN_FILE', 'Space', 'space_dim', 'n_views', 'gate_input', 'train_embedding', 'query_views',
-           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'contrast',
-           'exempt_flat', 'calibrate', 'NoveltyGate', 'gate_key', 'embed_files', 'reference_files', 'load_gate']
+           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'noise_level',
+           'noise_floor', 'contrast', 'exempt_flat', 'calibrate', 'NoveltyGate', 'gate_key', 'embed_files',
+           'reference_files', 'load_gate']
 
 # %% ../nbs/04a_novelty.ipynb #d9f0b90d
 class Space(NamedTuple):
@@ -28,6 +29,7 @@ class Space(NamedTuple):
     pool:int=12     # the centre crop (size - 2·shift) is average-pooled to pool × pool × 3 values
     k:int=2         # the score: distance to the nearest training image / distance to the k-th nearest
     flat:float=0.5  # a candidate with less than this share of its nearest training image's `contrast` is not its copy (0: off)
+    noise:float=1.0 # the share of the candidate's own pixel noise (`noise_level`) taken out of its distances before the ratio (0: off)
 
 def space_dim(space:Space) -> int: return 3 * space.pool ** 2
 def n_views(space:Space) -> int: return 8 * (2 * space.shift + 1) ** 2
@@ -109,9 +111,24 @@ def nearest(views,               # (V, N, D): V views of each of N queries (`que
     return Neighbours(np.sqrt(np.clip(d, 0, None) / D) * 255, i, w)
 
 # %% ../nbs/04a_novelty.ipynb #88edbd0d
-def copy_score(nb:Neighbours) -> np.ndarray:
-    "Distance to the nearest training image over that to the k-th nearest: 0 for an exact copy, near 1 for a new image."
-    return nb.distance[:, 0] / np.maximum(nb.distance[:, -1], 1e-6)
+def copy_score(nb:Neighbours,
+               floor=None          # (N,) RMS grey levels each candidate's own noise adds to every distance (`noise_floor`)
+              ) -> np.ndarray:
+    "Distance to the nearest training image over that to the k-th nearest, each without `floor`: 0 for an exact copy, near 1 for a new image."
+    d = np.asarray(nb.distance, np.float64)
+    if floor is not None: d = np.sqrt(np.clip(d ** 2 - np.asarray(floor, np.float64)[:, None] ** 2, 0, None))
+    return d[:, 0] / np.maximum(d[:, -1], 1e-6)   # within the noise of its nearest: 0, as an exact copy
+
+_LAPLACE = torch.tensor([[1., -2, 1], [-2, 4, -2], [1, -2, 1]])
+
+def noise_level(x:torch.Tensor) -> np.ndarray:
+    "Each image's (`gate_input`) independent pixel noise, sd in grey levels: the mean absolute response to a difference of Laplacians (Immerkær 1996)."
+    r = F.conv2d(x, _LAPLACE.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).abs().mean((1, 2, 3))
+    return (r * math.sqrt(math.pi / 2) / 6 * 255).numpy()
+
+def noise_floor(x:torch.Tensor, space:Space=Space()) -> np.ndarray:
+    "The RMS distance (grey levels) each image's own pixel noise adds to its distances in `space`: `noise_level` averaged over a pooled cell."
+    return space.noise * noise_level(x) * space.pool / (x.shape[-1] - 2 * space.shift)
 
 def contrast(emb) -> np.ndarray:
     "Each embedding's (`train_embedding`) RMS deviation from its own mean colour, in grey levels: the structure a copy of it carries."
@@ -151,11 +168,13 @@ class NoveltyGate:
         return Neighbours(*(np.concatenate(p) for p in zip(*parts)))
 
     def scores(self, images) -> tuple[Neighbours, np.ndarray]:
-        "The nearest training images of `images` and their scores: `copy_score`, and 1 for a flat candidate (`exempt_flat`, `space.flat`)."
+        "The nearest training images of `images` and their scores: `copy_score` without their own noise (`space.noise`), 1 for a flat candidate (`space.flat`)."
         nb = self.search(images)
-        if not self.space.flat or not len(nb.index): return nb, copy_score(nb)
-        cq = contrast(train_embedding(gate_input(images, self.space), self.space))
-        return nb, exempt_flat(copy_score(nb), cq, contrast(self.train[nb.index[:, 0]]), self.space.flat)
+        if not len(nb.index): return nb, copy_score(nb)
+        x = gate_input(images, self.space)
+        s = copy_score(nb, noise_floor(x, self.space) if self.space.noise else None)
+        if not self.space.flat: return nb, s
+        return nb, exempt_flat(s, contrast(train_embedding(x, self.space)), contrast(self.train[nb.index[:, 0]]), self.space.flat)
 
     def calibrate(self, held_out, *, fpr:float) -> dict:
         "Set the threshold on real held-out images; returns the calibration with their scores and nearest distances."
@@ -214,7 +233,7 @@ def load_gate(run_dir:str|Path,        # the run directory, with data/ written b
     train = embed_files([rd/'data'/f for f in files], out/TRAIN_FILE, space=space)
     gate = NoveltyGate(train, files, space=space, chunk=chunk, key=key)
     cal = gate.calibrate(read_images(reference, size=space.size, progress=False), fpr=fpr)
-    write_json(out/NOVELTY_FILE, dict(key=key, space=space._asdict(), score=f"nearest / {space.k}-th nearest training image distance",
+    write_json(out/NOVELTY_FILE, dict(key=key, space=space._asdict(), score=f"nearest / {space.k}-th nearest training image distance" + (", the candidate's own pixel noise taken out of both" if space.noise else ''),
                                       n_train=len(files), **cal))
     msg = (f"novelty gate calibrated on {cal['n_reference']} real held-out images: a copy scores below {cal['threshold']:.4f} "
            f"(fpr {fpr}; {cal['fpr_measured']:.2%} of the held-out images are below it)")
