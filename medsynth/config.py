@@ -184,6 +184,7 @@ _declare(  # selfcheck: the judge accepts or rejects each generated image; rejec
 _declare(  # evaluate: scores, distances, train-on-synthetic and the report
     Param('eval_repeats', 'int', 1, "times each CAS / augmentation classifier is trained, with seeds seed, seed + 1, …: scores are their mean ± sd, the augmentation delta the mean of paired differences", stage='evaluate', min=1),
     Param('eval_epochs', 'int', 3, "training budget of each CAS / augmentation classifier (real only, synthetic only, real + synthetic): the optimisation steps of this many epochs over the real training images", stage='evaluate', min=1),
+    Param('eval_min_steps', 'int', 0, "at least this many optimisation steps for each of those classifiers, however few the real training images (0: eval_epochs alone)", stage='evaluate', min=0),
     Param('eval_real_per_class', 'int', None, "real training images per class for those classifiers and the distance reference (a cap for big datasets); null takes all", stage='evaluate', optional=True, min=1),
     Param('inception_weights', 'path', None, "a local Inception v3 weights file (FID's pt_inception-2015-12-05) for torchmetrics FID/KID; null skips them", stage='evaluate', optional=True),
     Param('kid_subset_size', 'int', 1000, "KID subset size; reduced to the smaller sample when that is smaller", stage='evaluate', min=2),

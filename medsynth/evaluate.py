@@ -18,7 +18,8 @@ from .selfcheck import load_candidates, candidate_path, plot_acceptance, describ
 __all__ = ['frechet_distance', 'kid', 'precision_recall', 'distance_scores', 'prompt_scores', 'plot_prf', 'plot_prompt_confusion',
            'plot_real_vs_generated', 'plot_rejected', 'plot_distances', 'plot_training_scores', 'plot_copy_scores',
            'headline_rows', 'class_rows', 'render_report', 'inception_features', 'inception_scores', 'train_and_score',
-           'budget_note', 'mean_sd', 'paired_delta', 'judge_candidates', 'evaluate_run', 'judge_recipe', 'run_evaluate']
+           'eval_steps', 'budget_note', 'mean_sd', 'paired_delta', 'judge_candidates', 'evaluate_run', 'judge_recipe',
+           'run_evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #4ea1f327
 def _features(x, name:str='features') -> np.ndarray:
@@ -474,6 +475,14 @@ def train_and_score(x, y,                      # training images uint8 (N, H, W,
     if len(runs) > 1: out.update({f'{k}_sd': mean_sd([r[k] for r in runs])[1] for k in ('accuracy', 'macro_f1')})
     return dict(**out, **n_train, runs=[dict(seed=int(s), accuracy=r['accuracy'], macro_f1=r['macro_f1']) for s, r in zip(seeds, runs)])
 
+def eval_steps(n_train:int,          # real training images
+               batch_size:int,        # images per step
+               epochs:int,            # `eval_epochs`
+               min_steps:int=0        # `eval_min_steps`
+              ) -> int:
+    "The optimisation steps each CAS / augmentation classifier gets: `epochs` over the real training images, at least `min_steps`."
+    return max(min_steps, epochs * max(1, math.ceil(n_train / batch_size)))
+
 def budget_note(real_only:dict,         # `train_and_score` on the real training images
                 judge:dict,             # the judge's scores on the real test set
                 gap:float=0.15) -> str|None:
@@ -481,7 +490,7 @@ def budget_note(real_only:dict,         # `train_and_score` on the real training
     a, j = real_only.get('accuracy'), judge.get('accuracy')
     if a is None or j is None or a >= j - gap: return None
     return (f"the CAS / augmentation classifiers look undertrained: the real-only one reaches accuracy {a:.3f} against the "
-            f"judge's {j:.3f}, so their differences may be training noise; raise eval_epochs (now {real_only.get('epochs')} epochs' budget)")
+            f"judge's {j:.3f}, so their differences may be training noise; raise eval_epochs or eval_min_steps (now {real_only.get('steps')} steps)")
 
 def mean_sd(values:list) -> tuple:
     "Mean and sample standard deviation of the values that are not None (None where there are none; sd None below two)."
@@ -710,6 +719,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
                  *, predict_fn,              # the judge: uint8 images (N, H, W, 3) -> {probs: (N, C), features: (N, D)}
                  fit_fn,                     # (x, y, epochs, seed=) -> predict_fn of a freshly trained classifier (the CAS recipe)
                  eval_epochs:int=6,          # the budget of each: as many steps as this many epochs over the real training set
+                 min_steps:int=0,            # ... and at least this many (a small real set's epochs are a few steps each)
                  eval_repeats:int=1,         # trainings of each, with seeds seed, seed + 1, …
                  batch_size:int=64,          # images per step of fit_fn (to count steps)
                  kid_subset_size:int=1000, kid_subsets:int=100, prdc_k:int=5,
@@ -744,7 +754,7 @@ def evaluate_run(run_dir:str|Path,           # a run directory with data/, gener
     lap('novelty')
     x_syn, y_syn = cands.images[cands.accepted_idx], cands.labels[cands.accepted_idx]
     say(f"training three classifiers ({recipe or 'one recipe'}): real only ({len(x_tr)}), synthetic only ({len(x_syn)}), real + synthetic")
-    steps = eval_epochs * max(1, math.ceil(len(x_tr) / batch_size))
+    steps = eval_steps(len(x_tr), batch_size, eval_epochs, min_steps)
     cas_block, aug_block = _train_on_synthetic(x_tr, y_tr, x_syn, y_syn, x_te, y_te, names, judge_scores=real_test, fit_fn=fit_fn, steps=steps,
                                                batch_size=batch_size, seeds=[seed + i for i in range(eval_repeats)], recipe=recipe)
     if len(x_syn) == 0: notes.append('no accepted synthetic image: CAS and augmentation have nothing to train on')
@@ -794,7 +804,7 @@ def run_evaluate(P:Params, *, force:bool=False) -> dict:
     kw = fit_kwargs(P)          # the judge's recipe: batch size, lr, weights, image size, augmentation, device, seed
     names = [c['name'] for c in load_classes(rd)]
     predict_fn, fit_fn = judge_recipe(P, load_classifier(rd/'classifier', device=kw['device']), names)
-    metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
+    metrics = evaluate_run(rd, predict_fn=predict_fn, fit_fn=fit_fn, eval_epochs=P.eval_epochs, min_steps=P.eval_min_steps, eval_repeats=P.eval_repeats, batch_size=kw['batch_size'],
                            kid_subset_size=P.kid_subset_size, kid_subsets=P.kid_subsets,
                            prdc_k=P.prdc_k, grid_per_class=P.grid_per_class, rejected_shown=P.rejected_shown, real_per_class=P.eval_real_per_class, novelty_fpr=P.novelty_fpr,
                            inception_weights=P.inception_weights, report_format=P.report_format, seed=P.seed, device=kw['device'],
