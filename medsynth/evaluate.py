@@ -718,8 +718,7 @@ def _image_figures(rd:Path, names:list[str], c:_Candidates, x_test, y_test, *, s
 def evaluate_run(run_dir:str|Path,           # a run directory with data/, generated/ (and selfcheck/)
                  *, predict_fn,              # the judge: uint8 images (N, H, W, 3) -> {probs: (N, C), features: (N, D)}
                  fit_fn,                     # (x, y, epochs, seed=) -> predict_fn of a freshly trained classifier (the CAS recipe)
-                 eval_epochs:int=6,          # the budget of each: as many steps as this many epochs over the real training set
-                 min_steps:int=0,            # ... and at least this many (a small real set's epochs are a few steps each)
+                 eval_epochs:int=6, min_steps:int=0, # the budget of each: the steps of this many epochs over the real training set, at least min_steps
                  eval_repeats:int=1,         # trainings of each, with seeds seed, seed + 1, …
                  batch_size:int=64,          # images per step of fit_fn (to count steps)
                  kid_subset_size:int=1000, kid_subsets:int=100, prdc_k:int=5,
