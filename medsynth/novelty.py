@@ -172,7 +172,7 @@ class NoveltyGate:
         nb = self.search(images)
         if not len(nb.index): return nb, copy_score(nb)
         x = gate_input(images, self.space)
-        s = copy_score(nb, noise_floor(x, self.space) if self.space.noise else None)
+        s = copy_score(nb, noise_floor(x, self.space))      # a floor of 0 where `space.noise` is 0: the plain ratio
         if not self.space.flat: return nb, s
         return nb, exempt_flat(s, contrast(train_embedding(x, self.space)), contrast(self.train[nb.index[:, 0]]), self.space.flat)
 
