@@ -10,9 +10,11 @@ of the distances without the candidate's own pixel noise, `Space.noise`, and can
 training image exempted: `NoveltyGate.scores`), with and without the noise taken out. The columns are ROC AUCs (copies vs test images); `caught` is the
 share of the all-perturbations copies below the gate's threshold calibrated at fpr 0.01 on val + test.
 The winner is the space that catches most of them there (the gate's operating point), ties broken by mean AUC;
-the gate's AUCs are then split by class: with and without the near-blank background tiles.
+the gate's AUCs are then split by class: with and without the near-blank background tiles. `--seeds` repeats the
+gate's rows over other draws (which training images, which flips, noise, shifts) and prints each AUC's mean ± sd: one
+draw's AUC near 0.99 moves with a handful of images.
 
-    python bench/bench_novelty_space.py [--npz ../shared/data/pathmnist_mini.npz] [--n 350] [--judge-epochs 15]
+    python bench/bench_novelty_space.py [--npz ../shared/data/pathmnist_mini.npz] [--n 350] [--judge-epochs 15] [--seeds 0,1,2,3,4]
 
 The judge-features space trains a ResNet-18 judge on the training split first (about 2 minutes on one core;
 --judge-epochs 0 leaves it out). The last line names the winner.
@@ -91,12 +93,14 @@ def main():
     ap.add_argument('--n', type=int, default=350, help='training images made into near-copies (of each kind)')
     ap.add_argument('--judge-epochs', type=int, default=15)
     ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--seeds', default='', help="comma-separated draws to repeat the gate's rows over (e.g. 0,1,2,3,4); 0 is the table's")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d = np.load(a.npz)
     x_tr, y_tr, x_te = d['train_images'], d['train_labels'].ravel(), d['test_images']
     x_ref = np.concatenate([d['val_images'], d['test_images']])
-    sel = np.random.default_rng(1).choice(len(x_tr), min(a.n, len(x_tr)), replace=False)
+    if a.seeds: return over_draws([int(v) for v in a.seeds.split(',')], x_tr, x_te, x_ref, a.n)
+    sel = draw(len(x_tr), a.n)
     pos, y_pos = near_copies(x_tr[sel]), y_tr[sel]
     spaces = {'pixels 8 px': Space(shift=0, pool=8), 'pixels 8 px + shifts': Space(shift=2, pool=8),
               'pixels 12 px + shifts': Space(), 'pixels 12 px + shifts, k=3': Space(k=3)}   # Space(): the gate's own
@@ -121,6 +125,23 @@ def main():
           f"runner-up {second}: caught {rows[second]['caught']:.2f}, mean AUC {np.mean([rows[second][c] for c in pos]):.4f}")
     gate = pixel_gate(Space(), x_tr)
     by_class(lambda x: gate.scores(x)[1], pos, y_pos, x_te, d['test_labels'].ravel())
+
+def draw(n_train:int, n:int, seed:int=0) -> np.ndarray:
+    "Which training images become near-copies (seed 0: the table's)."
+    return np.random.default_rng(1 + seed).choice(n_train, min(n, n_train), replace=False)
+
+def over_draws(seeds:list, x_tr, x_te, x_ref, n:int):
+    "The gate's rows (its score, and with the noise kept) for each draw of the near-copies, then each column's mean ± sd."
+    gates = {"the gate's score": pixel_gate(Space(), x_tr), "the gate's score, noise kept": pixel_gate(Space(noise=0), x_tr)}
+    rows = {how: [] for how in gates}
+    for s in seeds:
+        r = score_space(gates["the gate's score"].search, near_copies(x_tr[draw(len(x_tr), n, s)], seed=s), x_te, x_ref, gates)
+        for how in gates: rows[how].append(r[how]); print(f"seed {s}, {how}: " + ', '.join(f"{c} {v:.4f}" for c, v in r[how].items()), flush=True)
+    cols = list(rows[next(iter(rows))][0])
+    print(f"\n{len(seeds)} draws of {n} near-copies of each kind; ROC AUC mean ± sd (caught: share of 'all' below the fpr-0.01 threshold)\n")
+    print('| score | ' + ' | '.join(cols) + ' |'); print('| --- |' + ' --- |' * len(cols))
+    for how, rs in rows.items():
+        print(f"| {how} | " + ' | '.join(f"{np.mean([r[c] for r in rs]):.4f} ± {np.std([r[c] for r in rs], ddof=1):.4f}" for c in cols) + ' |')
 
 def by_class(score, positives:dict, y_pos, x_test, y_test, blank:int=1):
     "AUC of each perturbation by `score` (images -> scores) without the background class (`blank`) and for it alone."

@@ -16,10 +16,10 @@ from .data import read_image, read_images
 from .classify import dihedral
 
 # %% auto #0
-__all__ = ['NOVELTY_FILE', 'TRAIN_FILE', 'Space', 'space_dim', 'n_views', 'gate_input', 'train_embedding', 'query_views',
-           'view_dihedral', 'inverse_dihedral', 'aligned', 'Neighbours', 'nearest', 'copy_score', 'noise_level',
-           'noise_floor', 'contrast', 'exempt_flat', 'calibrate', 'NoveltyGate', 'gate_key', 'embed_files',
-           'reference_files', 'load_gate']
+__all__ = ['NOVELTY_FILE', 'TRAIN_FILE', 'SCORE_VERSION', 'Space', 'space_dim', 'n_views', 'gate_input', 'train_embedding',
+           'query_views', 'view_of', 'view_dihedral', 'view_embedding', 'inverse_dihedral', 'aligned', 'Neighbours',
+           'nearest', 'copy_score', 'noise_level', 'noise_floor', 'contrast', 'exempt_flat', 'calibrate', 'NoveltyGate',
+           'gate_key', 'embed_files', 'reference_files', 'load_gate']
 
 # %% ../nbs/04a_novelty.ipynb #d9f0b90d
 class Space(NamedTuple):
@@ -28,7 +28,7 @@ class Space(NamedTuple):
     shift:int=2     # shifts of up to this many px (at `size`) each way are searched: 2 of 28 is 7 %
     pool:int=12     # the centre crop (size - 2·shift) is average-pooled to pool × pool × 3 values
     k:int=2         # the score: distance to the nearest training image / distance to the k-th nearest
-    flat:float=0.5  # a candidate with less than this share of its nearest training image's `contrast` is not its copy (0: off)
+    flat:float=0.5  # a candidate with less than this share of its nearest training image's `contrast` (each in the view that matched) is not its copy (0: off)
     noise:float=1.0 # the share of the candidate's own pixel noise (`noise_level`) taken out of its distances before the ratio (0: off)
 
 def space_dim(space:Space) -> int: return 3 * space.pool ** 2
@@ -45,22 +45,38 @@ def gate_input(images,                # uint8 N×H×W×3, or a list of PIL image
 def _pool(x:torch.Tensor, space:Space) -> np.ndarray:
     return (F.adaptive_avg_pool2d(x, space.pool).flatten(1) - 0.5).numpy()   # centred: smaller norms, exacter distances
 
+def _crop(x:torch.Tensor, dy:int, dx:int, space:Space) -> torch.Tensor:
+    s, w = space.shift, x.shape[-1]
+    return x[..., s+dy:w-s+dy, s+dx:w-s+dx]
+
 def train_embedding(x:torch.Tensor,   # `gate_input` of training images
                     space:Space=Space()) -> np.ndarray:
     "(N, D) float32: each image's centre crop, pooled: what the views of a query are compared with."
-    s, w = space.shift, x.shape[-1]
-    return _pool(x[..., s:w-s, s:w-s], space)
+    return _pool(_crop(x, 0, 0, space), space)
 
 def query_views(x:torch.Tensor,       # `gate_input` of the images to check
                 space:Space=Space()) -> np.ndarray:
     "(V, N, D) float32: each image under the 8 flips/turns of `classify.dihedral`, cropped at every shift, pooled."
-    s, w = space.shift, x.shape[-1]
-    return np.stack([_pool(v[..., s+dy:w-s+dy, s+dx:w-s+dx], space) for v in (dihedral(x, k) for k in range(8))
+    s = space.shift
+    return np.stack([_pool(_crop(v, dy, dx, space), space) for v in (dihedral(x, k) for k in range(8))
                      for dy in range(-s, s+1) for dx in range(-s, s+1)])
 
+def view_of(view:int, space:Space=Space()) -> tuple[int, int, int]:
+    "The `classify.dihedral` symmetry k and the shift (dy, dx) of a view (numbered k, then dy, then dx, as `query_views` makes them)."
+    n = 2 * space.shift + 1
+    k, r = divmod(int(view), n * n)
+    return k, r // n - space.shift, r % n - space.shift
+
 def view_dihedral(view:int, space:Space=Space()) -> int:
-    "The `classify.dihedral` symmetry k of a view (views are numbered k, then shift, as `query_views` makes them)."
-    return int(view) // (2 * space.shift + 1) ** 2
+    "The `classify.dihedral` symmetry k of a view."
+    return view_of(view, space)[0]
+
+def view_embedding(x:torch.Tensor,    # `gate_input` of N images
+                   views,             # (N,) one view of each (`query_views`' numbering), e.g. the one nearest its training image
+                   space:Space=Space()) -> np.ndarray:
+    "(N, D) float32: each image in its view: the row of `query_views` that was compared with a training image."
+    rows = [_pool(_crop(dihedral(x[i:i+1], k), dy, dx, space), space) for i, (k, dy, dx) in enumerate(view_of(v, space) for v in views)]
+    return np.concatenate(rows) if rows else np.zeros((0, space_dim(space)), np.float32)
 
 def inverse_dihedral(k:int) -> int:
     "The symmetry that undoes `dihedral(·, k)`: a turn the other way; a reflection is its own inverse."
@@ -174,7 +190,8 @@ class NoveltyGate:
         x = gate_input(images, self.space)
         s = copy_score(nb, noise_floor(x, self.space))      # a floor of 0 where `space.noise` is 0: the plain ratio
         if not self.space.flat: return nb, s
-        return nb, exempt_flat(s, contrast(train_embedding(x, self.space)), contrast(self.train[nb.index[:, 0]]), self.space.flat)
+        mine = contrast(view_embedding(x, nb.view[:, 0], self.space))   # as it was compared: a shifted copy's crop is its original's
+        return nb, exempt_flat(s, mine, contrast(self.train[nb.index[:, 0]]), self.space.flat)
 
     def calibrate(self, held_out, *, fpr:float) -> dict:
         "Set the threshold on real held-out images; returns the calibration with their scores and nearest distances."
@@ -192,12 +209,13 @@ class NoveltyGate:
 
 # %% ../nbs/04a_novelty.ipynb #fd6c3727
 NOVELTY_FILE, TRAIN_FILE = 'novelty.json', 'novelty_train.npy'
+SCORE_VERSION = 2   # raised whenever `NoveltyGate.scores` changes: a threshold calibrated on other scores is not reused
 
 def gate_key(run_dir, space:Space, fpr:float, max_reference:int, seed:int) -> str:
-    "Identifies a run's gate: its data (summary and every split's metadata), the space and the calibration settings."
+    "Identifies a run's gate: its data (summary and every split's metadata), the space, the score and the calibration settings."
     d = Path(run_dir)/'data'
     data = {f: file_digest(d/f) for f in ('summary.json', 'train/metadata.jsonl', 'val/metadata.jsonl', 'test/metadata.jsonl') if (d/f).exists()}
-    return fingerprint(dict(data=data, space=space._asdict(), fpr=fpr, max_reference=max_reference, seed=seed))
+    return fingerprint(dict(data=data, space=space._asdict(), score=SCORE_VERSION, fpr=fpr, max_reference=max_reference, seed=seed))
 
 def embed_files(files:list, dest:str|Path, *, space:Space=Space(), chunk:int=2048) -> np.ndarray:
     "Training embeddings of image `files`, `chunk` at a time, written to the .npy `dest` (atomically); returned memory-mapped."
