@@ -61,6 +61,7 @@ def query_views(x:torch.Tensor,       # `gate_input` of the images to check
     return np.stack([_pool(_crop(v, dy, dx, space), space) for v in (dihedral(x, k) for k in range(8))
                      for dy in range(-s, s+1) for dx in range(-s, s+1)])
 
+# %% ../nbs/04a_novelty.ipynb #b30ea43b
 def view_of(view:int, space:Space=Space()) -> tuple[int, int, int]:
     "The `classify.dihedral` symmetry k and the shift (dy, dx) of a view (numbered k, then dy, then dx, as `query_views` makes them)."
     n = 2 * space.shift + 1
