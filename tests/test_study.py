@@ -24,11 +24,17 @@ def _snapshot(study_dir:Path) -> dict:
             for p in d.rglob('*') if p.is_file() and p.name not in ('timings.json', '.medsynth.lock')}
 
 
-@pytest.mark.slow
-def test_study_miniature(tmp_path):
-    sd, lines = tmp_path/'study', []
+@pytest.fixture(scope='module')
+def tiny_study(tmp_path_factory):
+    "The miniature study, run once for this file: (its folder, what `run_study` returned, its log)."
+    sd, lines = tmp_path_factory.mktemp('study')/'study', []
     study = run_study('params/demo-cpu.yaml', sd, sizes=','.join(SIZES), overrides=TINY, log=lines.append)
-    log = '\n'.join(lines)
+    return sd, study, '\n'.join(lines)
+
+
+@pytest.mark.slow
+def test_study_miniature(tiny_study):
+    sd, study, log = tiny_study
     assert study['sizes'] == SIZES and list(study['stages']) == SIZES, log[-3000:]
     assert all(st == {s: 'ran' for s in STAGES} for st in study['stages'].values()), study['stages']
     for name in ('study.json', 'study.md', 'study.png'): assert (sd/name).is_file(), name
@@ -72,11 +78,11 @@ def test_study_miniature(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_mix_weight_reproduces_the_stage(tmp_path):
-    """The real-weighting bench on a finished tiny run: with the real images once (k = 1) it is the evaluate stage's own mixed
-    classifier; `--pretrain` scores synthetic-then-real against real only at twice the steps, and its gain is their difference."""
-    sd = tmp_path/'study'
-    run_study('params/demo-cpu.yaml', sd, sizes='8', overrides=TINY, log=lambda m: None)
+def test_bench_mix_weight_reproduces_the_stage(tiny_study):
+    """The real-weighting bench on a finished tiny run (the miniature's size 8; the bench writes nothing): with the real
+    images once (k = 1) it is the evaluate stage's own mixed classifier; `--pretrain` scores synthetic-then-real against
+    real only at twice the steps, and its gain is their difference."""
+    sd = tiny_study[0]
     out = subprocess.run(['python', str(ROOT/'bench'/'bench_mix_weight.py'), str(sd/'n8'), '--repeat-real', '1,2', '--seeds', '1',
                           '--epochs', str(TINY['eval_epochs']), '--pretrain'], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
