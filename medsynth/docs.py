@@ -11,14 +11,15 @@ from execnb.nbio import read_nb, write_nb
 from nbdev.config import get_config
 from nbdev.doclinks import nbglob, _nbpath2html
 from nbdev.process import extract_directives
-from nbdev.processors import FilterDefaults, exec_show_docs
+from nbdev.processors import FilterDefaults, exec_show_docs, add_show_docs
 from nbdev.frontmatter import _fm2dict
 from .config import fingerprint, file_digest
 
 # %% auto #0
 __all__ = ['DocsError', 'doc_notebooks', 'page_path', 'test_flags', 'cell_directives', 'skip_cell', 'execute_nb',
-           'exec_show_docs_light', 'exec_show_docs_in', 'DocsFilter', 'process_nb', 'cell_options', 'Page',
-           'nb_markdown', 'slugify', 'heading_ids', 'fix_anchors', 'mkdocs_config', 'build_site', 'main']
+           'exec_show_docs_light', 'exec_show_docs_in', 'add_show_docs_in_order', 'DocsFilter', 'process_nb',
+           'cell_options', 'Page', 'nb_markdown', 'slugify', 'heading_ids', 'fix_anchors', 'mkdocs_config',
+           'build_site', 'main']
 
 # %% ../nbs/09_docs.ipynb #f3d1a592
 class DocsError(RuntimeError):
@@ -137,12 +138,23 @@ class exec_show_docs_in(exec_show_docs):
             raise DocsError(f"{Path(self.nb.path_).name}: `show_doc` failed in cell {cell.idx_}:\n{cell.source}") from self.k.exc
 
 # %% ../nbs/09_docs.ipynb #bc3e84d2
+class add_show_docs_in_order(add_show_docs):
+    "nbdev's `add_show_docs`, with each exported cell's `show_doc` cells in the order the cell defines its names (nbdev's come last first)."
+    def begin(self):
+        super().begin()
+        out, run = [], []
+        for c in self.nb.cells:
+            if getattr(c, 'has_sd', False): run.append(c)
+            else: out += run[::-1] + [c]; run = []
+        self.nb.cells = out + run[::-1]
+
 class DocsFilter(FilterDefaults):
-    "nbdev's docs processors, with `exec_show_docs_in` (given a kernel) or `exec_show_docs_light` in place of `exec_show_docs`."
+    "nbdev's docs processors, with `exec_show_docs_in` (given a kernel) or `exec_show_docs_light` in place of `exec_show_docs`, `show_doc` cells in order."
     def __init__(self, shell=None): self.shell = shell
     def base_procs(self):
         ex = exec_show_docs_light if self.shell is None else type('exec_show_docs_in', (exec_show_docs_in,), {'kernel': self.shell})
-        return [ex if p is exec_show_docs else p for p in super().base_procs()]
+        swap = {exec_show_docs: ex, add_show_docs: add_show_docs_in_order}
+        return [swap.get(p, p) for p in super().base_procs()]
 
 # %% ../nbs/09_docs.ipynb #4b985471
 def process_nb(nb,              # a notebook, executed or not
