@@ -224,8 +224,9 @@ def test_notebooks_in_jupyterlab(lab, tmp_path):
             assert (run/f).exists(), f"the data stage run in JupyterLab did not write outputs/{run_name}/{f}"
         new = _files(lab.root/'nbs') - nbs_before
         assert not new, f"running 01_data.ipynb in JupyterLab left files under nbs/: {sorted(new)}"
-        for k in range(40):                   # a loaded machine renders the scrolled-to outputs a moment later; a
-            if k % 8 == 0: i = _scroll_to_cell(browser, "for _f in ('class_balance.png'", block='center')   # windowed notebook may need the scroll again
+        # a loaded machine renders the scrolled-to outputs a moment later, and a windowed notebook may need the scroll again
+        for k in range(40):
+            if k % 8 == 0: i = _scroll_to_cell(browser, "for _f in ('class_balance.png'", block='center')
             figs = browser.js(f"""Promise.all(Array.from(window.__nb.content.widgets[{i}].node
                      .querySelectorAll('.jp-OutputArea img')).map(im => im.decode().then(() => im.naturalWidth, () => 0)))""")
             if len(figs) == 2 and all(w > 0 for w in figs): break
