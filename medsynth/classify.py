@@ -15,11 +15,12 @@ from .config import (Params, resolve_path, resolve_device, resolve_precision, to
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS', 'ROBUSTNESS', 'stem_for', 'resnet18',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS', 'ROBUSTNESS', 'LEVELS', 'stem_for', 'resnet18',
            'Classifier', 'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor',
            'augment', 'hed_shift', 'random_stain', 'stain_reference', 'reinhard', 'stain_norm_for', 'resample',
            'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc', 'score', 'image_files', 'dihedral', 'predict',
-           'brightness_contrast', 'perturb', 'robustness', 'robustness_sample', 'new_classifier', 'fit_classifier',
+           'brightness_contrast', 'bootstrap_accuracies', 'bootstrap_interval', 'perturb', 'suite_probs',
+           'robustness_scores', 'robustness', 'robustness_sample', 'new_classifier', 'fit_classifier',
            'save_classifier', 'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion',
            'plot_robustness', 'fit_kwargs', 'classifier_complete', 'run_classify']
 
@@ -499,6 +500,25 @@ def brightness_contrast(x:torch.Tensor, s:float, g:torch.Generator|None=None) ->
     return ((x - m) * (1 + s * sign()) + m).clamp(0, 1)
 
 
+# %% ../nbs/02_classify.ipynb #004084a4
+def bootstrap_accuracies(correct,               # K×N booleans: K prediction sets on the same N images, right or wrong
+                         *, n_boot:int=1000,    # resamples of the N images
+                         seed:int=0             # seeds the resamples
+                        ) -> np.ndarray:        # K×n_boot accuracies
+    "Each row's accuracy on `n_boot` resamples of the N images, drawn with replacement; every row gets the same resamples (paired)."
+    c = np.asarray(correct, dtype=np.float64).reshape(len(correct), -1)
+    n = c.shape[1]
+    if n == 0: return np.full((len(c), n_boot), np.nan)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot)   # n_boot×N: draws of each image
+    return c @ counts.T / n
+
+def bootstrap_interval(samples, level:float=0.95) -> list[float]|None:
+    "The central `level` interval of bootstrap `samples` (percentiles), rounded to 4 decimals; None without samples."
+    s = np.asarray(samples, dtype=np.float64)
+    if s.size == 0 or np.isnan(s).all(): return None
+    return [round(float(q), 4) for q in np.nanquantile(s, [(1 - level) / 2, (1 + level) / 2])]
+
+
 # %% ../nbs/02_classify.ipynb #c7f1e8bd
 ROBUSTNESS = {  # name: (perturbation of [0, 1] images given a strength and a seeded generator, mild, strong)
     **{f'resize round trip, {m}': (lambda x, s, g, m=m: resample(x, s, m), 0.75, 0.5) for m in ('bilinear', 'bicubic', 'area')},
@@ -508,6 +528,7 @@ ROBUSTNESS = {  # name: (perturbation of [0, 1] images given a strength and a se
     'HED stain shift': (random_stain, 0.05, 0.1),
     'brightness/contrast': (brightness_contrast, 0.1, 0.2),
 }
+LEVELS = ('mild', 'strong')
 
 def perturb(x:torch.Tensor,        # uint8 images N×3×H×W
             name:str,              # a key of `ROBUSTNESS`
@@ -518,29 +539,56 @@ def perturb(x:torch.Tensor,        # uint8 images N×3×H×W
     g = torch.Generator().manual_seed(seed)
     return (fn(x.float().div(255), strength, g) * 255).round().clamp(0, 255).to(torch.uint8)
 
+def suite_probs(model:Classifier,        # a trained classifier
+                x,                       # images (anything `images_tensor` takes)
+                *, seed:int=0,           # seeds the perturbations
+                names=None,              # perturbations to run (default: all of `ROBUSTNESS`)
+                **predict_kw) -> dict:   # `predict`'s settings (batch_size, device, tta, ...)
+    "The judge's class probabilities of `x` clean and under each perturbation at its two strengths: `{'clean': N×C, (name, level): N×C}`."
+    x = images_tensor(x)
+    probs = lambda xx: predict(model, xx, progress=False, **predict_kw)['probs']
+    out = {'clean': probs(x)}
+    for name in names or ROBUSTNESS:
+        for level, strength in zip(LEVELS, ROBUSTNESS[name][1:]): out[name, level] = probs(perturb(x, name, strength, seed=seed))
+    return out
+
+
+# %% ../nbs/02_classify.ipynb #310f45aa
+def robustness_scores(probs:dict,             # `suite_probs`'s result
+                      y,                      # the images' labels
+                      classes:list[str],      # class names in label order
+                      *, seed:int=0,          # the perturbations' seed (recorded) and the bootstrap's
+                      n_boot:int=1000) -> dict:
+    "Accuracy and macro F1 clean and under each perturbation, the drops from clean, and paired bootstrap 95 % intervals of the accuracy drops."
+    y, keys = np.asarray(y).reshape(-1), list(probs)
+    boot = bootstrap_accuracies(np.stack([probs[k].argmax(1) == y for k in keys]), n_boot=n_boot, seed=seed)
+    boot_drop = dict(zip(keys, boot[0] - boot))                  # each key's accuracy drop on every resample
+    def _score(k):
+        s = score(y, probs[k], classes)
+        return dict(accuracy=round(s['accuracy'], 4), macro_f1=round(s['macro_f1'], 4))
+    clean = _score('clean')
+    out = dict(n=len(y), seed=seed, n_boot=n_boot, clean=clean, perturbations={})
+    for name, level in keys[1:]:
+        r = _score((name, level))
+        out['perturbations'].setdefault(name, {})[level] = dict(
+            strength=ROBUSTNESS[name][1 + LEVELS.index(level)], **r, drop=round(clean['accuracy'] - r['accuracy'], 4),
+            drop_ci=bootstrap_interval(boot_drop[name, level]), drop_f1=round(clean['macro_f1'] - r['macro_f1'], 4))
+    for level in LEVELS:
+        ks = [k for k in keys[1:] if k[1] == level]
+        out[f'worst_drop_{level}'] = max((out['perturbations'][n][level]['drop'] for n, _ in ks), default=0.0)
+        out[f'worst_drop_{level}_ci'] = bootstrap_interval(np.max([boot_drop[k] for k in ks], 0)) if ks else None   # the worst on each resample
+    return out
+
 def robustness(model:Classifier,          # a trained classifier
                x, y,                      # real test images (anything `images_tensor` takes) and their labels
                classes:list[str],         # class names in label order
-               *, seed:int=0,             # seeds the perturbations
+               *, seed:int=0,             # seeds the perturbations and the bootstrap
                names=None,                # perturbations to run (default: all of `ROBUSTNESS`)
+               n_boot:int=1000,           # bootstrap resamples of the images for the drops' intervals
                **predict_kw) -> dict:     # `predict`'s settings (batch_size, device, tta, ...)
-    "Accuracy and macro F1 on `x` clean and under each perturbation at its two strengths, with the drops from clean."
-    x = images_tensor(x)
-    def _score(xx):
-        s = score(y, predict(model, xx, progress=False, **predict_kw)['probs'], classes)
-        return dict(accuracy=round(s['accuracy'], 4), macro_f1=round(s['macro_f1'], 4))
-    clean = _score(x)
-    out = dict(n=len(x), seed=seed, clean=clean, perturbations={})
-    for name in names or ROBUSTNESS:
-        rows = {}
-        for level, strength in zip(('mild', 'strong'), ROBUSTNESS[name][1:]):
-            r = _score(perturb(x, name, strength, seed=seed))
-            rows[level] = dict(strength=strength, **r, drop=round(clean['accuracy'] - r['accuracy'], 4),
-                               drop_f1=round(clean['macro_f1'] - r['macro_f1'], 4))
-        out['perturbations'][name] = rows
-    for level in ('mild', 'strong'):
-        out[f'worst_drop_{level}'] = max((p[level]['drop'] for p in out['perturbations'].values()), default=0.0)
-    return out
+    "Accuracy and macro F1 on `x` clean and under each perturbation at its two strengths, with the drops from clean and their 95 % intervals."
+    return robustness_scores(suite_probs(model, x, seed=seed, names=names, **predict_kw), y, classes, seed=seed, n_boot=n_boot)
+
 
 # %% ../nbs/02_classify.ipynb #38ae4178
 def robustness_sample(x, y, n:int, *, seed:int=0) -> tuple[torch.Tensor, np.ndarray]:
@@ -933,14 +981,20 @@ def plot_robustness(rob:dict,                  # `robustness`'s result
                     path:str|Path|None=None,   # save as PNG here
                     *, goals=(0.05, 0.15)      # the largest drops accepted at the mild and the strong strength (dashed)
                    ):
-    "Accuracy under each perturbation at its two strengths, against the clean accuracy and the accepted drops."
+    "Accuracy under each perturbation at its two strengths (with its drop's 95 % interval), against the clean accuracy and the accepted drops."
     import matplotlib.pyplot as plt
     names, clean = list(rob['perturbations']), rob['clean']['accuracy']
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
     ys = np.arange(len(names))
     for k, (level, colour) in enumerate((('mild', 'C0'), ('strong', 'C3'))):
-        acc = [rob['perturbations'][n][level]['accuracy'] for n in names]
+        rows = [rob['perturbations'][n][level] for n in names]
+        acc = np.array([r['accuracy'] for r in rows])
         ax.barh(ys + (k - 0.5) * 0.38, acc, height=0.36, color=colour, label=f'{level}')
+        ci = [r.get('drop_ci') for r in rows]                     # the drop's interval, as accuracies: clean − drop
+        if all(ci):
+            lo, hi = clean - np.array([c[1] for c in ci]), clean - np.array([c[0] for c in ci])
+            ax.errorbar(acc, ys + (k - 0.5) * 0.38, xerr=[np.clip(acc - lo, 0, None), np.clip(hi - acc, 0, None)], fmt='none',
+                        ecolor='k', elinewidth=0.8, capsize=2, label='95 % interval of the drop' if k == 0 else None)
     ax.axvline(clean, color='k', lw=1.2, label=f'clean ({clean:.3f})')
     for g, colour in zip(goals, ('C0', 'C3')): ax.axvline(clean - g, color=colour, ls='--', lw=1, label=f'clean − {g}')
     ax.set_yticks(ys); ax.set_yticklabels([f"{n}: {rob['perturbations'][n]['mild']['strength']} / {rob['perturbations'][n]['strong']['strength']}" for n in names], fontsize=8)

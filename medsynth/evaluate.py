@@ -329,6 +329,10 @@ def _pm(v, sd) -> float|str:
     "A value, or 'value ± sd' when there is a spread."
     return v if sd is None or v is None else f"{_fmt(v)} ± {_fmt(sd)}"
 
+def _ci(v) -> str:
+    "A bootstrap interval as '[lo, hi]', or '—'."
+    return f"[{_fmt(v[0])}, {_fmt(v[1])}]" if v else '—'
+
 def _dig(d, keys):
     for k in keys:
         if not isinstance(d, dict) or k not in d: return None
@@ -347,7 +351,8 @@ def headline_rows(m:dict) -> list[list]:
         ['judge on the real test set: macro F1', g('real_test', 'macro_f1'), g('real_test', 'n'), f"macro AUC {_fmt(g('real_test', 'macro_auc'))}"],
         ['judge under perturbations: largest accuracy drop, mild / strong',
          f"{_fmt(g('judge_robustness', 'worst_drop_mild'))} / {_fmt(g('judge_robustness', 'worst_drop_strong'))}", g('judge_robustness', 'n'),
-         'resizes, blur, JPEG, stain and brightness a user\'s images bring (classifier/metrics.json: robustness)'],
+         f"95 % intervals {_ci(g('judge_robustness', 'worst_drop_mild_ci'))} / {_ci(g('judge_robustness', 'worst_drop_strong_ci'))} "
+         "(test images resampled); resizes, blur, JPEG, stain and brightness a user's images bring (classifier/metrics.json: robustness)"],
         ['generated, before filtering: macro F1', g('generated', 'macro_f1'), g('generated', 'n'), 'prompted class vs the judge (paper: 0.673 on 90)'],
         ['generated, before filtering: accuracy', g('generated', 'accuracy'), g('generated', 'n'), ''],
         ['self-check: acceptance rate', g('selfcheck', 'acceptance_rate'), g('selfcheck', 'n'), f"accepted {_fmt(g('selfcheck', 'n_accepted'))} in {_fmt(g('selfcheck', 'rounds_used'))} regeneration round(s)"],
