@@ -230,6 +230,13 @@ def _rewrite_links(md:str, page:str, pages:dict[str, str], nb_pages:dict[str, st
     return re.sub(r'(href=)"([^"]+)"', _href, md)
 
 # %% ../nbs/09_docs.ipynb #87f13714
+_FENCED = re.compile(r'^(```[^\n]*\n)(.*?)(^```)', re.S | re.M)
+_CODE_LINK = re.compile(r'\[`([^`\]]+)`\]\([^)\s]*\)')
+
+def _unlink_code(md:str) -> str:
+    "Markdown with nbdev's links to names inside fenced code blocks (a signature's comments, where no link renders) back to plain names."
+    return _FENCED.sub(lambda m: m[1] + _CODE_LINK.sub(r'\1', m[2]) + m[3], md)
+
 def _output_md(o, files_dir:Path, stem:str) -> tuple[str, int]:
     "Markdown for one output, and how many figures it wrote."
     ot = o.get('output_type')
@@ -256,7 +263,7 @@ def _output_md(o, files_dir:Path, stem:str) -> tuple[str, int]:
         attrs = f'{{ width="{int(width)}" .cell-output-image }}' if width else '{ .cell-output-image }'
         return f'![figure]({stem}_files/{f.name}){attrs}', 1
     if 'text/markdown' in data:
-        return ''.join(data['text/markdown']), 0
+        return _unlink_code(''.join(data['text/markdown'])), 0
     if 'text/html' in data:
         return f'<div class="cell-output-html" markdown="0">\n{"".join(data["text/html"])}\n</div>', 0
     if 'text/plain' in data:

@@ -31,8 +31,13 @@ class Space(NamedTuple):
     flat:float=0.5  # a candidate with less than this share of its nearest training image's `contrast` (each in the view that matched) is not its copy (0: off)
     noise:float=1.0 # the share of the candidate's own pixel noise (`noise_level`) taken out of its distances before the ratio (0: off)
 
-def space_dim(space:Space) -> int: return 3 * space.pool ** 2
-def n_views(space:Space) -> int: return 8 * (2 * space.shift + 1) ** 2
+def space_dim(space:Space) -> int:
+    "Length of an image's vector in `space`: 3 colour channels × `pool`²."
+    return 3 * space.pool ** 2
+
+def n_views(space:Space) -> int:
+    "Views of each training image the search compares against: the 8 flips/rotations × every shift of up to `shift` px each way."
+    return 8 * (2 * space.shift + 1) ** 2
 
 def gate_input(images,                # uint8 N×H×W×3, or a list of PIL images / uint8 arrays
                space:Space=Space()) -> torch.Tensor:

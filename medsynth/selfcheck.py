@@ -56,7 +56,9 @@ def verdicts(images,                 # the candidates: PIL images or uint8 array
 # %% ../nbs/05_selfcheck.ipynb #35dcac09
 VERDICT_KEYS = ('pred', 'confidence', 'p_intended', 'accepted', 'copy', 'nn_file', 'nn_distance', 'nn_ratio', 'nn_view', 'reason')
 
-def candidates_file(run_dir) -> Path: return Path(run_dir)/'selfcheck'/'candidates.jsonl'
+def candidates_file(run_dir) -> Path:
+    "The self-check's record of every candidate and its verdict: `selfcheck/candidates.jsonl` of the run directory."
+    return Path(run_dir)/'selfcheck'/'candidates.jsonl'
 
 def load_candidates(run_dir:str|Path,  # the run directory
                     *, record:bool=True # False: start afresh from the folders (the generator changed)
