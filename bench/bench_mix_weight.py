@@ -1,6 +1,6 @@
 """Does weighting the real images up help the real + synthetic classifier at a fixed budget? (issue 15)
 
-    python bench/bench_mix_weight.py RUN_DIR [--repeat-real 1,3] [--seeds 3] [--epochs 30] [--pretrain]
+    python bench/bench_mix_weight.py RUN_DIR [--repeat-real 1,3] [--seeds 3] [--epochs 30] [--pretrain] [--oracle]
 
 On a finished run (e.g. one size of `medsynth study`), trains the evaluation's real-only and real + synthetic
 classifiers (the judge's recipe, the same optimisation steps: `--epochs` over the real images) with the real
@@ -12,6 +12,10 @@ then fine-tuned on the real ones (the same steps again), against real only train
 in all (twice the budget), so the comparison holds the compute fixed. The second stage is the recipe's training
 from scratch with the first stage's weights put in place of the fresh ones (each stage normalised by its own images'
 channel statistics, as a training from scratch is).
+
+`--oracle` adds the mix a perfect generator would give: as many real images per class as were accepted, drawn from
+the MedMNIST npz's training split outside the run's own training images (a generator of new real images), at the
+same budget and seeds; its gain over real only is the most any generator's images could add at this size.
 """
 import argparse, contextlib, math, sys
 from pathlib import Path
@@ -31,10 +35,29 @@ def fresh_weights(init):
     finally: mc.init_weights = own
 
 
+def held_out_real(npz, x_train, y_train, y_want, *, seed:int=0):
+    "Real images from `npz`'s training split that are not in `x_train`, as many per class as `y_want` holds (seeded)."
+    d = np.load(npz)
+    xs, ys = d['train_images'], d['train_labels'].reshape(-1)
+    if xs.ndim == 3: xs = np.repeat(xs[..., None], 3, -1)
+    label_of = {x.tobytes(): int(y) for x, y in zip(xs, ys)}
+    known = [label_of.get(x.tobytes()) for x in x_train]
+    if any(k is None for k in known) or known != [int(y) for y in y_train]:
+        raise SystemExit(f"{npz}: the run's training images are not all in its training split with the same labels")
+    own, rng, idx = {x.tobytes() for x in x_train}, np.random.default_rng(seed), []
+    free = np.array([x.tobytes() not in own for x in xs])
+    for c, n in zip(*np.unique(y_want, return_counts=True)):
+        pool = np.flatnonzero(free & (ys == c))
+        if len(pool) < n: raise SystemExit(f"{npz}: {len(pool)} held-out real images of class {c}, {n} asked")
+        idx += list(rng.choice(pool, n, replace=False))
+    return xs[idx], ys[idx].astype(np.int64)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('run_dir'); ap.add_argument('--repeat-real', default='1,3'); ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--epochs', type=int, default=30); ap.add_argument('--pretrain', action='store_true')
+    ap.add_argument('--oracle', action='store_true', help="also mix in held-out real images in place of the synthetic ones")
     a = ap.parse_args(argv)
     from medsynth.config import load_params
     from medsynth.data import load_split, load_classes
@@ -59,6 +82,12 @@ def main(argv=None):
         mixed = ev.train_and_score(np.concatenate([x_tr] * k + [x_syn]), np.concatenate([y_tr] * k + [y_syn]), x_te, y_te, names, **budget)
         d, d_sd = ev.paired_delta(mixed, real, 'accuracy')
         print(f"real x{k}: real share {k * len(x_tr) / (k * len(x_tr) + len(x_syn)):.2f}, mixed {mixed['accuracy']:.3f}{sd(mixed.get('accuracy_sd'))}, "
+              f"gain {d:+.3f}{sd(d_sd)}", flush=True)
+    if a.oracle:
+        x_or, y_or = held_out_real(P.medmnist_npz, x_tr, y_tr, y_syn, seed=P.seed)
+        oracle = ev.train_and_score(np.concatenate([x_tr, x_or]), np.concatenate([y_tr, y_or]), x_te, y_te, names, **budget)
+        d, d_sd = ev.paired_delta(oracle, real, 'accuracy')
+        print(f"real + {len(x_or)} held-out real in place of the synthetic: {oracle['accuracy']:.3f}{sd(oracle.get('accuracy_sd'))}, "
               f"gain {d:+.3f}{sd(d_sd)}", flush=True)
     if a.pretrain and len(x_syn) < 2: print(f'synthetic, then real: {len(x_syn)} accepted synthetic image(s), nothing to pre-train on')
     elif a.pretrain:
