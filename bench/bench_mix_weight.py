@@ -84,6 +84,8 @@ def main(argv=None):
         print(f"real x{k}: real share {k * len(x_tr) / (k * len(x_tr) + len(x_syn)):.2f}, mixed {mixed['accuracy']:.3f}{sd(mixed.get('accuracy_sd'))}, "
               f"gain {d:+.3f}{sd(d_sd)}", flush=True)
     if a.oracle:
+        if P.source != 'medmnist' or not P.medmnist_npz:
+            raise SystemExit(f"--oracle draws held-out real images from a MedMNIST npz: {rd} was made from source {P.source!r}")
         x_or, y_or = held_out_real(P.medmnist_npz, x_tr, y_tr, y_syn, seed=P.seed)
         oracle = ev.train_and_score(np.concatenate([x_tr, x_or]), np.concatenate([y_tr, y_or]), x_te, y_te, names, **budget)
         d, d_sd = ev.paired_delta(oracle, real, 'accuracy')
