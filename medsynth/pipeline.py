@@ -586,9 +586,20 @@ def _from_papermill(stage, e, out_nb, src_nb) -> StageFailed:
 _KERNEL_CHATTER = re.compile(r'^(\[IPKernelApp\] ERROR \| KeyboardInterrupt caught in kernel\.'
                              r'|Assertion failed: pfd\.revents & POLLIN \(src/signaler\.cpp:\d+\))\s*$', re.M)
 
-def _kernel_manager(folder, log_path, opened:list, kernels:list):
+def _keep_kernel_log(path:Path, shutdown_at:int|None):
+    """Remove the kernel's stderr log at `path` unless the kernel printed something, other than known chatter, before
+    it was asked to shut down (byte `shutdown_at`; None: never asked, e.g. it died). What a kernel prints as it shuts
+    down varies with library versions and timing, and is not the stage's."""
+    if not path.exists(): return
+    text = path.read_bytes()[:shutdown_at].decode(errors='replace')
+    if not _KERNEL_CHATTER.sub('', text).strip(): path.unlink()
+
+
+# %% ../nbs/08_pipeline.ipynb #b5ef80df
+def _kernel_manager(folder, log_path, opened:list, kernels:list, shutdown_at:list):
     """A kernel manager class: kernels talk over local sockets in `folder` (not TCP ports), their own stderr goes to
-    `log_path`; each kernel's process and process group is added to `kernels`."""
+    `log_path`; each kernel's process and process group is added to `kernels`, the log's size when a kernel is asked
+    to shut down to `shutdown_at`."""
     from jupyter_client.manager import AsyncKernelManager
     class StageKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
@@ -601,6 +612,9 @@ def _kernel_manager(folder, log_path, opened:list, kernels:list):
             out = await super()._async_launch_kernel(kernel_cmd, **kw)
             kernels.append((self.provisioner.process, getattr(self.provisioner, 'pgid', None)))
             return out
+        async def shutdown_kernel(self, now=False, restart=False):
+            shutdown_at.append(Path(log_path).stat().st_size if Path(log_path).exists() else 0)
+            return await super().shutdown_kernel(now=now, restart=restart)
     return StageKernelManager
 
 def _stage_engine(every:float=2.0) -> str:
@@ -627,15 +641,15 @@ def execute_stage(src:Path, out:Path, *, params_file:str|None, run_dir:str, over
     nb = nbformat.read(str(src), as_version=4)
     nb.cells = runner_cells(nb.cells)
     out.parent.mkdir(parents=True, exist_ok=True)
-    td, klog, opened, kernels = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], []
+    td, klog, opened, kernels, shutdown_at = tempfile.mkdtemp(prefix='medsynth-kernel-'), out.with_suffix('.kernel.log'), [], [], []
     try: pm.execute_notebook(nb, str(out), parameters=dict(params_file=params_file, run_dir=run_dir, overrides=overrides, force=force),
                              kernel_name=kernel_name, language='python', cwd=str(src.parent), progress_bar=progress, log_output=False,
-                             kernel_manager_class=_kernel_manager(td, klog, opened, kernels), engine_name=_stage_engine())
+                             kernel_manager_class=_kernel_manager(td, klog, opened, kernels, shutdown_at), engine_name=_stage_engine())
     finally:   # an interrupted run (Ctrl+C, SIGTERM) ends its kernel, and what the kernel started, and removes what they were writing
         with _signals_deferred():
             if any([end_process_group(*k) for k in kernels]): remove_stale_temporaries(run_dir, recursive=True)
             for f in opened: f.close()
-            if klog.exists() and not _KERNEL_CHATTER.sub('', klog.read_text(errors='replace')).strip(): klog.unlink()
+            _keep_kernel_log(klog, shutdown_at[-1] if shutdown_at else None)
             shutil.rmtree(td, ignore_errors=True)
 
 # %% ../nbs/08_pipeline.ipynb #4a43c860

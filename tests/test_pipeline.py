@@ -58,7 +58,8 @@ def test_cli_full_run_then_skip(tmp_path):
     assert r.stdout.count(' done in ') == 7 and 'peak memory' in r.stdout
     rd = tmp_path/'run'
     assert executed(tmp_path) == list(STAGES)
-    assert sorted(p.name for p in (rd/'notebooks').iterdir()) == sorted(STAGE_NOTEBOOKS.values())
+    logs = {p.name: p.read_text(errors='replace') for p in (rd/'notebooks').glob('*.kernel.log')}
+    assert sorted(p.name for p in (rd/'notebooks').iterdir()) == sorted(STAGE_NOTEBOOKS.values()), logs
     assert sorted(p.name for p in nbs.iterdir()) == before  # nothing written next to the sources
     for s in STAGES:
         st = read_stamp(rd, s)
