@@ -16,6 +16,10 @@ Jensen-Shannon term between the two predictions) instead of `classifier_degrade`
 Each judge also gets P(goal): the share of bootstrap resamples of the test images (the same resamples as the drops'
 intervals) on which the whole goal holds, i.e. how often a test split of the same size drawn like this one would show
 the goal met by this judge.
+`--folds K` measures each recipe on every image of the npz instead of its 199 test images: train, validation and test
+pooled and cut into K class-stratified folds; each fold is the test split of one judge, trained on the rest but half
+of the next fold, which is its validation split (K = 5: 700 / 100 / 200, the npz's own sizes). The K judges' test
+predictions, pooled, are scored as recipe `<name>+cvK` (the intervals and P(goal) then over 1,000 test images).
 """
 import argparse, contextlib, json, sys, time
 from pathlib import Path
@@ -48,7 +52,23 @@ RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathm
     }.items()}
 
 
+SPLITS = ('train', 'val', 'test')
 def split(d, s): return d[f'{s}_images'], d[f'{s}_labels'].reshape(-1).astype(np.int64)
+
+
+def folds(y, k:int, seed:int=0) -> list[tuple]:
+    """Class-stratified folds of labels `y`: per fold `(train, val, test)` index arrays; test is the fold, val every
+    other image of the next fold (per class), train the rest."""
+    y, rng = np.asarray(y), np.random.default_rng(seed)
+    fold, half, at = np.empty(len(y), int), np.empty(len(y), int), 0
+    for c in np.unique(y):   # each class dealt round the folds, starting where the last class stopped
+        idx = rng.permutation(np.flatnonzero(y == c)); pos = at + np.arange(len(idx)); at += len(idx)
+        fold[idx], half[idx] = pos % k, pos // k % 2
+    out = []
+    for f in range(k):
+        test, val = fold == f, (fold == (f + 1) % k) & (half == 0)
+        out.append((np.flatnonzero(~test & ~val), np.flatnonzero(val), np.flatnonzero(test)))
+    return out
 
 
 @contextlib.contextmanager
@@ -77,22 +97,48 @@ def goal_probability(probs:dict, y, *, n_boot:int=1000, seed:int=0) -> float:
     return round(float(ok.mean()), 3)
 
 
-def run(recipe:str, seed:int, data, classes, threads:int, tta:bool=False, ensemble:int=1) -> list[dict]:
-    torch.set_num_threads(threads)
-    (xtr, ytr), (xva, yva), (xte, yte) = (split(data, s) for s in ('train', 'val', 'test'))
-    t0, members = time.time(), []
+def judges(recipe:str, seed:int, xtr, ytr, xva, yva, classes, ensemble:int=1) -> list:
+    "`ensemble` judges of `recipe` (seeds `seed`, `seed` + 1000, ...)."
+    members = []
     for k in range(ensemble):
         P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir='/tmp/unused', device='cpu', seed=seed + 1000 * k, **RECIPES[recipe])
         members.append(fit_classifier(xtr, ytr, xva, yva, n_classes=len(classes), classes=classes, epochs=P.classifier_epochs,
                                       progress=False, **fit_kwargs(P))[0])
+    return members
+
+
+def scored(name:str, seed:int, probs:dict, y, classes, seconds:float) -> dict:
+    return {**robustness_scores(probs, y, classes, seed=0), 'p_goal': goal_probability(probs, y, seed=0),
+            'recipe': name, 'seed': seed, 'train_seconds': seconds}
+
+
+def run(recipe:str, seed:int, data, classes, threads:int, tta:bool=False, ensemble:int=1) -> list[dict]:
+    torch.set_num_threads(threads)
+    (xtr, ytr), (xva, yva), (xte, yte) = (split(data, s) for s in SPLITS)
+    t0 = time.time()
+    members = judges(recipe, seed, xtr, ytr, xva, yva, classes, ensemble)
     seconds, out = round(time.time() - t0, 1), []
     for name, ms in ((recipe, members[:1]),) + (((f'{recipe}+ens{ensemble}', members),) if ensemble > 1 else ()):
         with averaged(ms) as model:
             for t in ((False, True) if tta else (False,)):
-                probs = suite_probs(model, xte, seed=0, tta=t)
-                out.append({**robustness_scores(probs, yte, classes, seed=0), 'p_goal': goal_probability(probs, yte, seed=0),
-                            'recipe': name + ('+tta' if t else ''), 'seed': seed, 'train_seconds': seconds})
+                out.append(scored(name + ('+tta' if t else ''), seed, suite_probs(model, xte, seed=0, tta=t), yte, classes, seconds))
     return out
+
+
+def run_folds(recipe:str, seed:int, data, classes, threads:int, k:int, tta:bool=False) -> list[dict]:
+    "`recipe` measured by k-fold cross-validation over every image of `data` (`folds`): one row per TTA setting."
+    torch.set_num_threads(threads)
+    x, y = (np.concatenate(a) for a in zip(*(split(data, s) for s in SPLITS)))
+    t0, modes, order = time.time(), ((False, True) if tta else (False,)), []
+    pooled = {t: [] for t in modes}
+    for f, (tr, va, te) in enumerate(folds(y, k, seed)):
+        model = judges(recipe, seed, x[tr], y[tr], x[va], y[va], classes)[0]
+        for t in modes: pooled[t].append(suite_probs(model, x[te], seed=0, tta=t))
+        order.append(te); print(f"{recipe}: fold {f + 1}/{k} done ({time.time() - t0:.0f} s)", flush=True)
+    seconds, te = round(time.time() - t0, 1), np.concatenate(order)
+    return [scored(f'{recipe}+cv{k}' + ('+tta' if t else ''), seed,
+                   {key: np.concatenate([p[key] for p in pooled[t]]) for key in pooled[t][0]}, y[te], classes, seconds)
+            for t in modes]
 
 
 def table(r:dict) -> str:
@@ -111,6 +157,7 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--tta', action='store_true', help="also score each judge with test-time augmentation")
     ap.add_argument('--ensemble', type=int, default=1, help="judges per seed whose mean probabilities are scored too")
+    ap.add_argument('--folds', type=int, default=0, help="K >= 2: measure each recipe by K-fold cross-validation over every image")
     ap.add_argument('--out', default=None)
     a = ap.parse_args()
     data = np.load(a.npz)
@@ -118,7 +165,9 @@ def main():
     results = []
     for seed in map(int, a.seeds.split(',')):
         for recipe in a.recipes.split(','):
-            for r in run(recipe, seed, data, classes, a.threads, a.tta, a.ensemble):
+            rows = (run_folds(recipe, seed, data, classes, a.threads, a.folds, a.tta) if a.folds else
+                    run(recipe, seed, data, classes, a.threads, a.tta, a.ensemble))
+            for r in rows:
                 results.append(r); print(table(r), flush=True)
             if a.out: Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"\n{'recipe':<24}{'seed':>5}{'clean':>8}{'worst mild':>22}{'worst strong':>22}{'P(goal)':>9}  goal (clean >= 0.82, mild <= 0.05, strong <= 0.15)")

@@ -32,6 +32,21 @@ def test_goal_probability_reads_the_goal_on_resamples():
     assert br.goal_probability(_probs(y, {'clean': 40, ('JPEG quality', 'strong'): 140}), y) == 0.0
 
 
+def test_folds_cut_every_image_once_into_a_test_split_stratified():
+    y = np.repeat(np.arange(9), [107, 110, 112, 100, 130, 120, 80, 140, 101])    # 1,000 labels, classes of unequal size
+    fs = br.folds(y, 5, seed=3)
+    tests = np.concatenate([te for _, _, te in fs])
+    assert sorted(tests.tolist()) == list(range(len(y)))                        # every image is tested exactly once
+    for f, (tr, va, te) in enumerate(fs):
+        assert len(set(tr) | set(va) | set(te)) == len(tr) + len(va) + len(te) == len(y)   # disjoint, all used
+        assert set(va) <= set(fs[(f + 1) % 5][2])                               # validation: half of the next fold
+        for part, n in ((te, 5), (va, 10)):
+            counts = np.bincount(y[part], minlength=9)
+            assert np.all(np.abs(counts - np.bincount(y, minlength=9) / n) <= 1), (f, counts)   # each class in its share
+        assert 95 <= len(va) <= 105 and len(te) == 200 and 695 <= len(tr) <= 705  # the npz's own 700 / 100 / 200
+    assert not np.array_equal(fs[0][2], br.folds(y, 5, seed=4)[0][2])            # the seed draws the folds
+
+
 def test_held_out_real_images_are_new_and_of_the_asked_classes(tmp_path):
     rng = np.random.default_rng(0)
     xs = rng.integers(0, 256, (60, 4, 4, 3), dtype=np.uint8); ys = np.arange(60) % 3
