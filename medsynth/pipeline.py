@@ -613,7 +613,7 @@ def _kernel_manager(folder, log_path, opened:list, kernels:list, shutdown_at:lis
             kernels.append((self.provisioner.process, getattr(self.provisioner, 'pgid', None)))
             return out
         async def shutdown_kernel(self, now=False, restart=False):
-            shutdown_at.append(Path(log_path).stat().st_size if Path(log_path).exists() else 0)
+            shutdown_at.append(os.path.getsize(log_path))   # the log was opened when the kernel was launched
             return await super().shutdown_kernel(now=now, restart=restart)
     return StageKernelManager
 
