@@ -20,6 +20,8 @@ the goal met by this judge.
 pooled and cut into K class-stratified folds; each fold is the test split of one judge, trained on the rest but half
 of the next fold, which is its validation split (K = 5: 700 / 100 / 200, the npz's own sizes). The K judges' test
 predictions, pooled, are scored as recipe `<name>+cvK` (the intervals and P(goal) then over 1,000 test images).
+`--jpeg-first Q` gives every image of the npz a JPEG round trip at quality Q before anything else: the judge is then
+trained and tested on such files only, and its clean accuracy says how much of the data a JPEG Q round trip leaves.
 """
 import argparse, contextlib, json, sys, time
 from pathlib import Path
@@ -68,6 +70,15 @@ def folds(y, k:int, seed:int=0) -> list[tuple]:
     for f in range(k):
         test, val = fold == f, (fold == (f + 1) % k) & (half == 0)
         out.append((np.flatnonzero(~test & ~val), np.flatnonzero(val), np.flatnonzero(test)))
+    return out
+
+
+def jpeg_first(data, quality:int) -> dict:
+    "The npz's splits with every image given a JPEG round trip at `quality` (N×H×W×3 uint8 in, the same out)."
+    out = dict(data)
+    for s in SPLITS:
+        x = torch.from_numpy(out[f'{s}_images']).permute(0, 3, 1, 2).float().div(255)
+        out[f'{s}_images'] = (mc.jpeg(x, quality) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
 
 
@@ -158,9 +169,11 @@ def main():
     ap.add_argument('--tta', action='store_true', help="also score each judge with test-time augmentation")
     ap.add_argument('--ensemble', type=int, default=1, help="judges per seed whose mean probabilities are scored too")
     ap.add_argument('--folds', type=int, default=0, help="K >= 2: measure each recipe by K-fold cross-validation over every image")
+    ap.add_argument('--jpeg-first', type=int, default=0,
+                    help="Q > 0: every image of the npz JPEG round-tripped at quality Q first (a judge trained and tested on such files)")
     ap.add_argument('--out', default=None)
     a = ap.parse_args()
-    data = np.load(a.npz)
+    data = jpeg_first(np.load(a.npz), a.jpeg_first) if a.jpeg_first else np.load(a.npz)
     classes = [str(i) for i in range(int(data['train_labels'].max()) + 1)]
     results = []
     for seed in map(int, a.seeds.split(',')):

@@ -61,3 +61,15 @@ def test_held_out_real_images_are_new_and_of_the_asked_classes(tmp_path):
         bm.held_out_real(tmp_path/'d.npz', xs[own], (ys[own] + 1) % 3, np.array([0]))
     with pytest.raises(SystemExit, match='held-out real images of class 1'):
         bm.held_out_real(tmp_path/'d.npz', xs[own], ys[own], np.full(30, 1))
+
+
+def test_jpeg_first_round_trips_every_split_and_keeps_the_labels():
+    rng = np.random.default_rng(0)
+    data = {f'{s}_{k}': (rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8) if k == 'images' else np.arange(4).reshape(-1, 1))
+            for s in br.SPLITS for k in ('images', 'labels')}
+    out = br.jpeg_first(data, 50)
+    for s in br.SPLITS:
+        x, j = data[f'{s}_images'], out[f'{s}_images']
+        assert j.dtype == np.uint8 and j.shape == x.shape
+        assert np.abs(j.astype(int) - x.astype(int)).mean() > 5                      # noise does not survive JPEG 50
+        assert np.array_equal(out[f'{s}_labels'], data[f'{s}_labels'])
