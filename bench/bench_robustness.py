@@ -173,7 +173,8 @@ def main():
                     help="Q > 0: every image of the npz JPEG round-tripped at quality Q first (a judge trained and tested on such files)")
     ap.add_argument('--out', default=None)
     a = ap.parse_args()
-    data = jpeg_first(np.load(a.npz), a.jpeg_first) if a.jpeg_first else np.load(a.npz)
+    data = np.load(a.npz)
+    if a.jpeg_first: data = jpeg_first(data, a.jpeg_first)
     classes = [str(i) for i in range(int(data['train_labels'].max()) + 1)]
     results = []
     for seed in map(int, a.seeds.split(',')):
