@@ -10,7 +10,8 @@ the worst drop at each strength, and whether issue 18's goal holds (clean >= 0.8
 strong drop <= 0.15). `--tta` scores each trained judge a second time with test-time augmentation (the mean over
 the 8 flips/rotations, `classifier_tta`), as recipe `<name>+tta`: the same weights, so the two rows differ by TTA only.
 Recipes `consistency*` train for invariance (`classifier_consistency`: each image beside a degraded copy, with a
-Jensen-Shannon term between the two predictions) instead of `classifier_degrade`.
+Jensen-Shannon term between the two predictions) instead of `classifier_degrade`; `distill` (the profile's recipe) is
+`consistency` taught by a teacher judge of the `degrade-long` recipe, trained first on the same images (`fit_judge`).
 `--ensemble K` trains K judges per seed (seeds s, s + 1000, ...) and scores their mean probabilities as recipe
 `<name>+ensK`, after the first member alone (the plain recipe's row, the same weights).
 Each judge also gets P(goal): the share of bootstrap resamples of the test images (the same resamples as the drops'
@@ -31,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from medsynth.config import load_params
 import medsynth.classify as mc
-from medsynth.classify import LEVELS, bootstrap_accuracies, fit_classifier, fit_kwargs, robustness_scores, suite_probs
+from medsynth.classify import LEVELS, bootstrap_accuracies, fit_judge, robustness_scores, suite_probs
 
-_PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_consistency=0.0, classifier_stain_norm='none')
-RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathmnist-cpu.yaml (whose own recipe is 'light')
+_PLAIN = dict(classifier_stain=0.0, classifier_degrade=0.0, classifier_consistency=0.0, classifier_distill=0.0, classifier_stain_norm='none')
+RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathmnist-cpu.yaml (whose own recipe is 'distill')
     name: {**_PLAIN, **kw} for name, kw in {
         'today':   {},
         'stain':   dict(classifier_stain=0.05),
@@ -51,6 +52,7 @@ RECIPES = {   # name: the classifier_* keys it sets, every other one as in pathm
         'consistency': dict(classifier_stain=0.05, classifier_consistency=3.0, classifier_epochs=60),
         'consistency-45': dict(classifier_stain=0.05, classifier_consistency=3.0, classifier_epochs=45),
         'consistency-12': dict(classifier_stain=0.05, classifier_consistency=12.0, classifier_epochs=30),
+        'distill': dict(classifier_stain=0.05, classifier_consistency=3.0, classifier_distill=1.0, classifier_epochs=60),
     }.items()}
 
 
@@ -113,8 +115,7 @@ def judges(recipe:str, seed:int, xtr, ytr, xva, yva, classes, ensemble:int=1) ->
     members = []
     for k in range(ensemble):
         P = load_params(ROOT/'params'/'pathmnist-cpu.yaml', run_dir='/tmp/unused', device='cpu', seed=seed + 1000 * k, **RECIPES[recipe])
-        members.append(fit_classifier(xtr, ytr, xva, yva, n_classes=len(classes), classes=classes, epochs=P.classifier_epochs,
-                                      progress=False, **fit_kwargs(P))[0])
+        members.append(fit_judge(P, xtr, ytr, xva, yva, classes, progress=False)[0])
     return members
 
 

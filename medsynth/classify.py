@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_classify.ipynb #267bb387
 from __future__ import annotations
-import csv, io, math, random, time
+import csv, io, math, random, shutil, time
 from typing import NamedTuple
 from pathlib import Path
 import numpy as np
@@ -22,7 +22,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS
            'brightness_contrast', 'bootstrap_accuracies', 'bootstrap_interval', 'perturb', 'suite_probs',
            'robustness_scores', 'robustness', 'robustness_sample', 'new_classifier', 'fit_classifier',
            'save_classifier', 'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion',
-           'plot_robustness', 'fit_kwargs', 'classifier_complete', 'run_classify']
+           'plot_robustness', 'fit_kwargs', 'teacher_kwargs', 'fit_judge', 'classifier_complete', 'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
 from .config import ArtefactError, check_safetensors
@@ -728,11 +728,19 @@ def _js(a:torch.Tensor, b:torch.Tensor) -> torch.Tensor:
     log_m = ((pa + pb) / 2).clamp_min(1e-7).log()
     return (F.kl_div(log_m, pa, reduction='batchmean') + F.kl_div(log_m, pb, reduction='batchmean')) / 2
 
+def _kd(student:torch.Tensor, teacher:torch.Tensor, temperature:float) -> torch.Tensor:
+    "KL divergence from the teacher's softened distribution to the student's (logits N×C each, averaged over N), × temperature²."
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction='batchmean') * t * t
+
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 aug:dict, consistency:float=0.0, num_workers:int=0, ddp=None) -> dict:
+                 aug:dict, consistency:float=0.0, teacher=None, distill:float=0.0, temperature:float=2.0,
+                 num_workers:int=0, ddp=None) -> dict:
     """One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`. With
     `consistency` > 0 every augmented image is trained on beside a `random_degrade` copy of it, and the loss adds
-    `consistency` × the Jensen-Shannon divergence of the two predictions (train accuracy counts the first). With
+    `consistency` × the Jensen-Shannon divergence of the two predictions (train accuracy counts the first). With a
+    `teacher` and `distill` > 0 the loss adds `distill` × `_kd` of each copy's prediction from the teacher's
+    prediction of the clean augmented image. With
     `ddp` (several processes) each process takes its part of every batch of the main process's permutation, the
     gradients are averaged, and every process ends the epoch with the main one's weights and BatchNorm statistics."""
     model.train()
@@ -743,11 +751,15 @@ def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, devic
         xb = xb.to(device, non_blocking=True).float().div_(255)
         yb = y[idx].to(device, non_blocking=True)
         if any(aug.values()): xb = augment(xb, **aug)
+        if distill > 0:
+            with torch.no_grad(), o.autocast: t_logits = teacher(xb).float()   # the clean image's reading (draws no random numbers)
         if consistency > 0: xb = torch.cat([xb, random_degrade(xb, 1.0)])
         with o.autocast:
             logits = (ddp or model)(xb).float()
-            loss = F.cross_entropy(logits, yb.repeat(len(xb) // len(yb)), label_smoothing=label_smoothing)
+            copies = len(xb) // len(yb)
+            loss = F.cross_entropy(logits, yb.repeat(copies), label_smoothing=label_smoothing)
             if consistency > 0: loss = loss + consistency * _js(*logits.chunk(2))
+            if distill > 0: loss = loss + distill * sum(_kd(l, t_logits, temperature) for l in logits.chunk(copies)) / copies
         logits = logits[:len(yb)]
         o.opt.zero_grad(set_to_none=True)
         o.scaler.scale(loss).backward()
@@ -839,6 +851,9 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
                    degrade:float=0.0,             # fraction of images resized, blurred or JPEG-compressed (0: none)
                    stain_norm:str|dict='none',    # none | reinhard: every image moved to the training images' stain | a `stain_reference`
                    consistency:float=0.0,         # weight of the clean/degraded consistency loss (`_train_epoch`; 0: none)
+                   teacher:Classifier|None=None,  # a trained judge whose predictions are distilled into this one (frozen)
+                   distill:float=0.0,             # weight of the distillation loss (`_train_epoch`; 0: none)
+                   distill_temperature:float=2.0, # softens the teacher's and the student's predictions for it
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -861,15 +876,19 @@ def fit_classifier(x_train,                       # training images: uint8 N×H�
     ddp, n_used = _data_parallel(model, dev, seed), _n_used(len(x), batch_size)   # several processes: data-parallel
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
     aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
+    if distill > 0 and teacher is None: raise ValueError(f"fit_classifier: distill={distill} needs a teacher (a trained Classifier)")
+    kd = dict(teacher=teacher.to(dev).eval(), distill=distill, temperature=distill_temperature) if distill > 0 else {}
+    if kd: model.meta['distill'] = dict(weight=distill, temperature=distill_temperature)
     tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               **aug, consistency=consistency, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()))
+               **aug, consistency=consistency, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()),
+               distill=model.meta.get('distill'), teacher=round(sum(float(p.detach().double().sum()) for p in teacher.parameters()), 6) if kd else None)
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not (progress and is_main()), initial=start, total=epochs)
     for epoch in bar:
         t0 = time.time()
         row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   aug=aug, consistency=consistency, num_workers=num_workers, ddp=ddp))
+                                                   aug=aug, consistency=consistency, **kd, num_workers=num_workers, ddp=ddp))
         if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
         t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
@@ -1016,6 +1035,44 @@ def fit_kwargs(P:Params) -> dict:
                 tta=P.classifier_tta, eval_batch_size=P.classifier_eval_batch_size,
                 device=resolve_device(P.device), precision=P.precision, seed=P.seed, num_workers=P.num_workers)
 
+def teacher_kwargs(P:Params) -> dict:
+    "`fit_kwargs` of the judge's teacher (`classifier_distill`): the judge's recipe without the consistency loss, `classifier_teacher_degrade` of its images degraded."
+    return {**fit_kwargs(P), 'consistency': 0.0, 'degrade': P.classifier_teacher_degrade, 'tta': False}
+
+def _kept_teacher(folder:Path, h:str|None, device) -> Classifier|None:
+    "The teacher saved in `folder` for parameters with fingerprint `h`, or None (none there, another fingerprint, a damaged file)."
+    if not (folder/'classifier.json').is_file(): return None
+    try:
+        if read_json(folder/'classifier.json').get('params_hash') != h: return None
+        teacher = load_classifier(folder, device=device)
+    except (ArtefactError, ValueError) as e: print(f"classify: {e}; the teacher is trained again"); return None
+    print(f"classify: the teacher in {folder} is complete for these parameters; kept"); return teacher
+
+def fit_judge(P:Params,                   # resolved parameters: the judge's recipe (`fit_kwargs`) and epochs
+              x_train, y_train, x_val, y_val, # training and validation images and labels (as `fit_classifier` takes them)
+              classes:list[str],          # class names
+              *, folder:str|Path|None=None, # the stage's `classifier/`: checkpoints there, the teacher kept in `teacher/`
+              h:str|None=None,            # the parameters' fingerprint the kept teacher is checked against
+              progress:bool=True          # progress bars over epochs
+             ) -> tuple[Classifier, list[dict], Classifier|None]:  # the judge, its history, its teacher (None without distillation)
+    """The judge of `P`'s recipe: with `classifier_distill` > 0 a teacher is trained first (`teacher_kwargs`), and the
+    judge learns its readings beside the labels. With a `folder` an interrupted training resumes from its checkpoint and a
+    finished teacher is not trained again."""
+    folder = Path(folder) if folder else None
+    fit = lambda ckpt, **kw: fit_classifier(x_train, y_train, x_val, y_val, n_classes=len(classes), classes=classes, epochs=P.classifier_epochs,
+                                            checkpoint=folder/ckpt if folder else None, progress=progress, **kw)
+    teacher = None
+    if P.classifier_distill > 0:
+        teacher = _kept_teacher(folder/'teacher', h, resolve_device(P.device)) if folder else None
+        if teacher is None:
+            print(f"classify: training the teacher first (classifier_distill {P.classifier_distill:g}): the same recipe without the "
+                  f"consistency loss, {P.classifier_teacher_degrade:.0%} of its images degraded")
+            if folder: (folder/'teacher').mkdir(parents=True, exist_ok=True)
+            teacher = fit('teacher/checkpoint.pt', **teacher_kwargs(P))[0]
+            if folder and is_main(): save_classifier(teacher, folder/'teacher', meta=dict(params_hash=h)); (folder/'teacher'/'checkpoint.pt').unlink(missing_ok=True)
+    model, history = fit('checkpoint.pt', teacher=teacher, distill=P.classifier_distill, **fit_kwargs(P))
+    return model, history, teacher
+
 # %% ../nbs/02_classify.ipynb #94cd4cb4
 def classifier_complete(out:str|Path, h:str) -> bool:
     "Does `out` hold a classifier and its metrics for parameters with fingerprint `h`?"
@@ -1044,7 +1101,8 @@ def run_classify(P:Params,             # resolved parameters
         m = read_json(out/'metrics.json')
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
-    if force and is_main(): (out/'checkpoint.pt').unlink(missing_ok=True)   # an interrupted training is not resumed either
+    if force and is_main():                            # an interrupted training is not resumed either, nor a teacher kept
+        (out/'checkpoint.pt').unlink(missing_ok=True); shutil.rmtree(out/'teacher', ignore_errors=True)
     barrier()                                          # several processes: trained data-parallel, scored split, written by the main one
     names = [c['name'] for c in load_classes(run_dir)]
     # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);
@@ -1061,8 +1119,7 @@ def run_classify(P:Params,             # resolved parameters
     ih, iw = read_json(run_dir/'data'/'summary.json')['image_size']
     print(f"classify: ResNet-18 ({P.classifier_weights} weights) on {len(xtr)} train / {len(xva)} val images of "
           f"{iw}x{ih} px, {len(names)} classes, {P.classifier_epochs} epochs on {kw['device']}")
-    model, history = fit_classifier(xtr, ytr, xva, yva, n_classes=len(names), classes=names, epochs=P.classifier_epochs,
-                                    checkpoint=out/'checkpoint.pt', **kw)
+    model, history, teacher = fit_judge(P, xtr, ytr, xva, yva, names, folder=out, h=h)
     main = is_main()
     if main: save_classifier(model, out, meta=dict(params_hash=h)); _write_history(history, out/'history.csv')
     metrics = dict(params_hash=h, best_epoch=model.meta['best_epoch'], epochs=P.classifier_epochs,
@@ -1073,6 +1130,9 @@ def run_classify(P:Params,             # resolved parameters
         metrics[split] = score(y, r['probs'], names)
         if len(y) and main: plt.close(plot_confusion(metrics[split]['confusion'], names, title=f"{split}: {len(y)} images",
                                             path=out/f'confusion_{split}.png'))
+    if teacher is not None:                            # what the judge learnt from: its teacher on the same test images
+        s = score(yte, predict(teacher, xte, batch_size=P.classifier_eval_batch_size, device=kw['device'], tta=P.classifier_tta, split=True)['probs'], names)
+        metrics['teacher'] = {**{k: s[k] for k in ('accuracy', 'macro_f1', 'macro_auc')}, 'train_seconds': teacher.meta['train_seconds']}
     if main: plt.close(plot_history(history, out/'training_curves.png'))
     if P.classifier_robustness:
         xs, ys = robustness_sample(xte, yte, P.classifier_robustness, seed=P.seed)
@@ -1083,5 +1143,6 @@ def run_classify(P:Params,             # resolved parameters
     t, r = metrics['test'], metrics.get('robustness')
     if main: print(f"classify: test accuracy {t['accuracy']:.3f}, macro AUC {t['macro_auc']:.3f}, macro F1 {t['macro_f1']:.3f} "
           f"(best epoch {metrics['best_epoch']}/{P.classifier_epochs}, {metrics['train_seconds']:.0f} s of training) -> {out}"
-          + (f"; under perturbations its accuracy drops by at most {r['worst_drop_mild']:.3f} (mild) / {r['worst_drop_strong']:.3f} (strong)" if r else ''))
+          + (f"; under perturbations its accuracy drops by at most {r['worst_drop_mild']:.3f} (mild) / {r['worst_drop_strong']:.3f} (strong)" if r else '')
+          + (f"; its teacher's test accuracy {metrics['teacher']['accuracy']:.3f}" if teacher is not None else ''))
     return metrics
