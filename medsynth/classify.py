@@ -15,14 +15,15 @@ from .config import (Params, resolve_path, resolve_device, resolve_precision, to
 from .data import SPLITS, IMAGE_EXTS, BadImage, ImageFiles, read_image, load_classes, load_split
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS', 'ROBUSTNESS', 'LEVELS', 'stem_for', 'resnet18',
-           'Classifier', 'imagenet_state_dict', 'read_state_dict', 'load_backbone', 'init_weights', 'images_tensor',
-           'augment', 'hed_shift', 'random_stain', 'stain_reference', 'reinhard', 'stain_norm_for', 'resample',
-           'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc', 'score', 'image_files', 'dihedral', 'predict',
-           'brightness_contrast', 'bootstrap_accuracies', 'bootstrap_interval', 'perturb', 'suite_probs',
-           'robustness_scores', 'robustness', 'robustness_sample', 'new_classifier', 'fit_classifier',
-           'save_classifier', 'load_classifier', 'shuffled_label_check', 'plot_history', 'plot_confusion',
-           'plot_robustness', 'fit_kwargs', 'teacher_kwargs', 'fit_judge', 'classifier_complete', 'run_classify']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SMALL_INPUT', 'STEMS', 'STAIN_NORMS', 'ROBUSTNESS', 'LEVELS', 'DISTILL_TEMPERATURE',
+           'stem_for', 'resnet18', 'Classifier', 'imagenet_state_dict', 'read_state_dict', 'load_backbone',
+           'init_weights', 'images_tensor', 'augment', 'hed_shift', 'random_stain', 'stain_reference', 'reinhard',
+           'stain_norm_for', 'resample', 'from_larger', 'blur', 'jpeg', 'random_degrade', 'macro_auc', 'score',
+           'image_files', 'dihedral', 'predict', 'brightness_contrast', 'bootstrap_accuracies', 'bootstrap_interval',
+           'perturb', 'suite_probs', 'robustness_scores', 'robustness', 'robustness_sample', 'new_classifier',
+           'fit_classifier', 'save_classifier', 'load_classifier', 'shuffled_label_check', 'plot_history',
+           'plot_confusion', 'plot_robustness', 'fit_kwargs', 'teacher_kwargs', 'fit_judge', 'classifier_complete',
+           'run_classify']
 
 # %% ../nbs/02_classify.ipynb #41fc55be
 from .config import ArtefactError, check_safetensors
@@ -811,6 +812,27 @@ def _keep_best(model:Classifier, history:list[dict], best:dict|None, best_state:
     return model.eval()
 
 # %% ../nbs/02_classify.ipynb #bfe06019
+DISTILL_TEMPERATURE = 2.0   # softens the teacher's and the judge's predictions for the distillation loss (Hinton et al.: 2-20)
+
+def _distillation(model:Classifier, teacher:Classifier|None, weight:float, device) -> dict:
+    "`_train_epoch`'s distillation settings (none without a teacher or a weight), the teacher frozen on `device`; noted in `model.meta`."
+    if teacher is None or weight <= 0: return {}
+    model.meta['distill'] = dict(weight=weight, temperature=DISTILL_TEMPERATURE)
+    return dict(teacher=teacher.to(device).eval(), distill=weight, temperature=DISTILL_TEMPERATURE)
+
+def _fit_tag(x, y, model:Classifier, kd:dict, **settings) -> dict:
+    "What a checkpoint must match to be resumed from: the training settings, the images, the model's input and stain, the teacher's weights."
+    teacher = round(sum(float(p.detach().double().sum()) for p in kd['teacher'].parameters()), 6) if kd else None
+    return dict(n=len(x), **settings, size=model.image_size, stem=model.stem, stain_norm=model.meta['stain_norm'],
+                labels=int(y.sum()), pixels=int(_head(x, 64).sum()), distill=model.meta.get('distill'), teacher=teacher)
+
+def _epoch(model, x, y, xv, yv, o:_Optimiser, epoch:int, train:dict, val:dict) -> tuple[dict, float]:
+    "Epoch `epoch`'s history row (`_train_epoch`'s `train`, then `_val_scores`'s `val` where there are validation images) and its seconds."
+    t0 = time.time()
+    row = dict(epoch=epoch, **_train_epoch(model, x, y, o, **train))
+    if xv is not None: row.update(_val_scores(model, xv, yv, **val))
+    return row, time.time() - t0
+
 def _save_checkpoint(ckpt:str|Path, tag:dict, model:Classifier, o:_Optimiser, history:list[dict], best:dict|None,
                      best_state:dict|None, epoch:int, seconds:float):
     "Write the training state after `epoch` epochs to `ckpt` (atomically)."
@@ -851,9 +873,8 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
                    degrade:float=0.0,             # fraction of images resized, blurred or JPEG-compressed (0: none)
                    stain_norm:str|dict='none',    # none | reinhard: every image moved to the training images' stain | a `stain_reference`
                    consistency:float=0.0,         # weight of the clean/degraded consistency loss (`_train_epoch`; 0: none)
-                   teacher:Classifier|None=None,  # a trained judge whose predictions are distilled into this one (frozen)
-                   distill:float=0.0,             # weight of the distillation loss (`_train_epoch`; 0: none)
-                   distill_temperature:float=2.0, # softens the teacher's and the student's predictions for it
+                   teacher:Classifier|None=None,  # a trained judge whose readings are distilled into this one (frozen; None: none)
+                   distill:float=1.0,             # weight of the distillation loss when there is a teacher (`_train_epoch`)
                    classes:list[str]|None=None,   # class names, stored in the model's meta
                    tta:bool=False,                # the model's default for `predict` (validation during training does without)
                    device=None,                   # torch device or name; None: `resolve_device('auto')`
@@ -876,21 +897,15 @@ def fit_classifier(x_train,                       # training images: uint8 NÃ—HÃ
     ddp, n_used = _data_parallel(model, dev, seed), _n_used(len(x), batch_size)   # several processes: data-parallel
     o = _optimiser(model, lr=lr, weight_decay=weight_decay, warmup=warmup, steps=epochs * math.ceil(n_used / batch_size), precision=prec, device=dev)
     aug = dict(flips=augment_images, rot90=augment_images, translate=translate, jitter=jitter, stain=stain, degrade=degrade)
-    if distill > 0 and teacher is None: raise ValueError(f"fit_classifier: distill={distill} needs a teacher (a trained Classifier)")
-    kd = dict(teacher=teacher.to(dev).eval(), distill=distill, temperature=distill_temperature) if distill > 0 else {}
-    if kd: model.meta['distill'] = dict(weight=distill, temperature=distill_temperature)
-    tag = dict(n=len(x), n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-               label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), size=model.image_size, stem=model.stem, seed=seed,
-               **aug, consistency=consistency, stain_norm=model.meta['stain_norm'], precision=prec, labels=int(y.sum()), pixels=int(_head(x, 64).sum()),
-               distill=model.meta.get('distill'), teacher=round(sum(float(p.detach().double().sum()) for p in teacher.parameters()), 6) if kd else None)
+    kd = _distillation(model, teacher, distill, dev)
+    tag = _fit_tag(x, y, model, kd, n_classes=n_classes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                   label_smoothing=label_smoothing, warmup=warmup, weights=str(weights), seed=seed, **aug, consistency=consistency, precision=prec)
     history, best, best_state, start, t_train = _resume(checkpoint, tag, model, o, verbose=progress)
     last_save, bar = time.time(), progress_bar(range(start, epochs), desc="training", unit='epoch', disable=not (progress and is_main()), initial=start, total=epochs)
+    train = dict(n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing, aug=aug, consistency=consistency, **kd, num_workers=num_workers, ddp=ddp)
     for epoch in bar:
-        t0 = time.time()
-        row = dict(epoch=epoch + 1, **_train_epoch(model, x, y, o, n_used=n_used, batch_size=batch_size, device=dev, label_smoothing=label_smoothing,
-                                                   aug=aug, consistency=consistency, **kd, num_workers=num_workers, ddp=ddp))
-        if xv is not None: row.update(_val_scores(model, xv, yv, batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
-        t_train += time.time() - t0; row['seconds'] = round(t_train, 2); history.append(row)
+        row, seconds = _epoch(model, x, y, xv, yv, o, epoch + 1, train, dict(batch_size=eval_batch_size, device=dev, autocast=o.autocast, num_workers=num_workers))
+        t_train += seconds; row['seconds'] = round(t_train, 2); history.append(row)
         if xv is not None and _better(row, best): best, best_state = row, _cpu_state(model.net)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ('train_loss', 'val_accuracy', 'val_macro_auc')})
         if checkpoint and is_main() and (time.time() - last_save > checkpoint_every or epoch + 1 == epochs):

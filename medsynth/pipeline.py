@@ -16,12 +16,12 @@ from .config import (load_params, Params, ParamsError, SCHEMA, STAGES, params_ha
 # %% auto #0
 __all__ = ['GIT_URL', 'BRANCH', 'STAGE_NOTEBOOKS', 'STAGE_OUTPUTS', 'PARAMETERS_CELL', 'STAGE_PARAMETERS', 'COLAB_CELL',
            'STAGE_CHECKSUMS', 'LOCK_FILE', 'STAGE_FUNCTIONS', 'LAUNCHED_STAGES', 'COMMANDS', 'check', 'parse_sets',
-           'PipelineError', 'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems', 'stage_cell',
-           'runner_cells', 'exit_without_teardown', 'stage_only', 'colab_url', 'colab_badge', 'output_digests',
-           'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS', 'end_process_group',
-           'Stopped', 'stop_on_signals', 'run_config', 'stage_function', 'accelerate_command', 'launch_stage',
-           'stage_main', 'launch_main', 'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog', 'run',
-           'run_command', 'main']
+           'split_run_dir', 'PipelineError', 'notebooks_dir', 'new_stage_notebook', 'stage_notebook_problems',
+           'stage_cell', 'runner_cells', 'exit_without_teardown', 'stage_only', 'colab_url', 'colab_badge',
+           'output_digests', 'read_stamp', 'write_stamp', 'stage_state', 'RunLocked', 'RunLock', 'PeakRSS',
+           'end_process_group', 'Stopped', 'stop_on_signals', 'run_config', 'stage_function', 'accelerate_command',
+           'launch_stage', 'stage_main', 'launch_main', 'StageFailed', 'execute_stage', 'notebook_rel', 'FollowLog',
+           'run', 'run_command', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #cf7db02d
 from .config import file_digest
@@ -43,6 +43,11 @@ def parse_sets(pairs:list[str]) -> dict:
         k, v = s.split('=', 1)
         out[k.strip()] = yaml.safe_load(v) if v.strip() else None
     return out
+
+def split_run_dir(run_dir:str|None, overrides:dict) -> tuple[str|None, dict]:
+    "`--run-dir` and the other `--set` values: a `run_dir` given with `--set` is taken as `--run-dir` (which wins where both are given)."
+    rest = dict(overrides); given = rest.pop('run_dir', None)
+    return run_dir or given, rest
 
 # %% ../nbs/08_pipeline.ipynb #b690c31b
 GIT_URL = 'https://github.com/medsynth/medsynth'  # settings.ini's git_url (a test keeps them equal)
@@ -517,7 +522,8 @@ def stage_main(argv:list[str]) -> int:
     ap.add_argument('--run-dir'); ap.add_argument('--set', nargs='*', default=[]); ap.add_argument('--entry', help=argparse.SUPPRESS)
     ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
-    P = load_params(a.params, run_dir=a.run_dir, **parse_sets(a.set))
+    run_dir, sets = split_run_dir(a.run_dir, parse_sets(a.set))
+    P = load_params(a.params, run_dir=run_dir, **sets)
     process_state(resolve_device(P.device))  # under accelerate launch: the process group, on the params' device (gloo on the CPU)
     with stage_logging(P.run_dir, a.stage): stage_function(a.stage, a.entry)(P, **({'force': True} if a.force else {}))
     if 'torch.distributed' in sys.modules:  # under accelerate launch: leave the process group cleanly (else gloo may abort at exit)
@@ -533,7 +539,8 @@ def launch_main(argv:list[str]) -> int:
     ap.add_argument('--run-dir'); ap.add_argument('--set', nargs='*', default=[])
     ap.add_argument('--force', action='store_true', help="redo the stage's work even where it is complete")
     a = ap.parse_args(argv)
-    P = load_params(a.params, run_dir=a.run_dir and str(Path(a.run_dir).expanduser().resolve()), **parse_sets(a.set))
+    run_dir, sets = split_run_dir(a.run_dir and str(Path(a.run_dir).expanduser().resolve()), parse_sets(a.set))
+    P = load_params(a.params, run_dir=run_dir, **sets)
     rd, t0 = Path(P.run_dir), time.time()
     if a.stage in LAUNCHED_STAGES and (P.num_processes > 1 or P.accelerate_config):
         params_path = save_params(P, rd/'notebooks'/f'{a.stage}.params.machine{P.machine_rank}.yaml')
@@ -696,6 +703,7 @@ def notebook_rel(p:Path, root:Path) -> str:
 # %% ../nbs/08_pipeline.ipynb #c30053f8
 def _run_params(params_file:str|Path|None, run_dir:str|None, overrides:dict) -> tuple[Params, str|None, dict]:
     "The run's parameters, the params file as an absolute path, and the overrides as the stage kernels get them."
+    run_dir, overrides = split_run_dir(run_dir, overrides)
     P = load_params(params_file, run_dir=run_dir, **overrides)
     if params_file is not None: params_file = str(params_path(params_file))
     # the kernels get the resolved values (paths absolute): a kernel runs in another directory than the one given here

@@ -21,3 +21,12 @@ def test_check_names_unknown_key(tmp_path):
     r = subprocess.run(['medsynth', 'check', str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert 'unknown key `sed`' in r.stderr and 'did you mean `seed`' in r.stderr and str(bad) in r.stderr
+
+@pytest.mark.parametrize('how', ['set', 'both'])
+def test_run_dir_given_with_set(tmp_path, how):
+    "`--set run_dir=DIR` names the run directory as `--run-dir DIR` does (and `--run-dir` wins where both are given)."
+    args = ['--set', f'run_dir={tmp_path/"by-set"}', 'seed=1'] + (['--run-dir', str(tmp_path/'by-flag')] if how == 'both' else [])
+    r = subprocess.run(['medsynth', 'run', 'params/demo-cpu.yaml', *args, '--dry-run'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    want = tmp_path/('by-set' if how == 'set' else 'by-flag')
+    assert r.returncode == 0 and f'-> {want}\n' in r.stdout and r.stdout.count('would run') == 7, r.stdout + r.stderr
+    assert not want.exists()                        # a dry run writes nothing
