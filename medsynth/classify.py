@@ -976,7 +976,7 @@ def plot_history(history:list[dict],        # rows of `fit_classifier`
         ax[1].plot(ep, [r['val_accuracy'] for r in history], label='val')
         ax[2].plot(ep, [r['val_macro_auc'] for r in history], color='C1', label='val')
     best = [r['epoch'] for r in history if r.get('best')]
-    for a, t in zip(ax, ('loss (train: label-smoothed)', 'accuracy', 'val macro AUC')):
+    for a, t in zip(ax, ('loss (train: the whole objective)', 'accuracy', 'val macro AUC')):
         a.set_title(t); a.set_xlabel('epoch'); a.grid(alpha=.3)
         for b in best: a.axvline(b, color='k', ls=':', lw=1, label=f'kept (epoch {b})')
         a.legend(fontsize=8)

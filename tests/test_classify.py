@@ -112,6 +112,28 @@ def test_run_classify_writes_the_stage_and_resumes(tmp_path):
     m2 = run_classify(P2)
     assert m2['epochs'] == 1 and m2['params_hash'] != m['params_hash']    # other parameters: retrained
 
+def test_run_classify_with_a_teacher_keeps_it_for_a_rerun_and_retrains_it_when_forced(tmp_path, capsys):
+    from medsynth.data import run_data
+    P = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=2, device='cpu',
+                    classifier_consistency=1.0, classifier_distill=1.0, classifier_robustness=0)
+    run_data(P)
+    m = run_classify(P)
+    out, teacher = tmp_path/'run'/'classifier', tmp_path/'run'/'classifier'/'teacher'
+    assert 'training the teacher first' in capsys.readouterr().out
+    assert (teacher/'model.safetensors').is_file() and not (teacher/'checkpoint.pt').exists()
+    assert read_json(teacher/'classifier.json')['params_hash'] == m['params_hash']
+    assert set(m['teacher']) == {'accuracy', 'macro_f1', 'macro_auc', 'train_seconds'} and 0 <= m['teacher']['accuracy'] <= 1
+    assert read_json(out/'classifier.json')['distill'] == {'weight': 1.0, 'temperature': 2.0}
+    stamp = (teacher/'model.safetensors').stat().st_mtime_ns
+    (out/'metrics.json').unlink()                                        # the stage did not finish: the judge again, not the teacher
+    assert run_classify(P)['test'] == m['test']
+    assert 'is complete for these parameters; kept' in capsys.readouterr().out
+    assert (teacher/'model.safetensors').stat().st_mtime_ns == stamp
+    run_classify(P, force=True)
+    assert 'training the teacher first' in capsys.readouterr().out
+    assert (teacher/'model.safetensors').stat().st_mtime_ns != stamp
+
+
 def test_a_split_too_large_for_memory_streams_from_its_pngs(tmp_path, monkeypatch, capsys):
     "With 'no memory', training, validation and scores read the PNGs through 2 DataLoader workers: the same classifier."
     import medsynth.data
