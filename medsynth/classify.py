@@ -1116,8 +1116,8 @@ def run_classify(P:Params,             # resolved parameters
         m = read_json(out/'metrics.json')
         print(f"classify: {out} is complete for these parameters; kept (test accuracy {m['test']['accuracy']:.3f})")
         return m
-    if force and is_main():                            # an interrupted training is not resumed either, nor a teacher kept
-        (out/'checkpoint.pt').unlink(missing_ok=True); shutil.rmtree(out/'teacher', ignore_errors=True)
+    if force and is_main(): (out/'checkpoint.pt').unlink(missing_ok=True)   # an interrupted training is not resumed either
+    if (force or not P.classifier_distill) and is_main(): shutil.rmtree(out/'teacher', ignore_errors=True)   # nor a teacher kept, or one no longer used
     barrier()                                          # several processes: trained data-parallel, scored split, written by the main one
     names = [c['name'] for c in load_classes(run_dir)]
     # each split as the N×3×H×W tensor training reads, its array dropped at once (one copy of the images in memory);

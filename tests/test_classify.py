@@ -132,6 +132,9 @@ def test_run_classify_with_a_teacher_keeps_it_for_a_rerun_and_retrains_it_when_f
     run_classify(P, force=True)
     assert 'training the teacher first' in capsys.readouterr().out
     assert (teacher/'model.safetensors').stat().st_mtime_ns != stamp
+    P0 = load_params(run_dir=str(tmp_path/'run'), phantom_per_class=12, phantom_size=16, classifier_epochs=2, device='cpu',
+                     classifier_consistency=1.0, classifier_robustness=0)
+    assert 'teacher' not in run_classify(P0) and not teacher.exists()     # a teacher no longer used is not left behind
 
 
 def test_a_split_too_large_for_memory_streams_from_its_pngs(tmp_path, monkeypatch, capsys):
