@@ -729,13 +729,15 @@ def _js(a:torch.Tensor, b:torch.Tensor) -> torch.Tensor:
     log_m = ((pa + pb) / 2).clamp_min(1e-7).log()
     return (F.kl_div(log_m, pa, reduction='batchmean') + F.kl_div(log_m, pb, reduction='batchmean')) / 2
 
+DISTILL_TEMPERATURE = 2.0   # softens the teacher's and the judge's predictions for the distillation loss (Hinton et al.: 2-20)
+
 def _kd(student:torch.Tensor, teacher:torch.Tensor, temperature:float) -> torch.Tensor:
     "KL divergence from the teacher's softened distribution to the student's (logits N×C each, averaged over N), × temperature²."
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction='batchmean') * t * t
 
 def _train_epoch(model, x, y, o:_Optimiser, *, n_used:int, batch_size:int, device, label_smoothing:float,
-                 aug:dict, consistency:float=0.0, teacher=None, distill:float=0.0, temperature:float=2.0,
+                 aug:dict, consistency:float=0.0, teacher=None, distill:float=0.0, temperature:float=DISTILL_TEMPERATURE,
                  num_workers:int=0, ddp=None) -> dict:
     """One pass over the first `n_used` of a random permutation of the images: `{train_loss, train_accuracy, lr}`. With
     `consistency` > 0 every augmented image is trained on beside a `random_degrade` copy of it, and the loss adds
@@ -812,8 +814,6 @@ def _keep_best(model:Classifier, history:list[dict], best:dict|None, best_state:
     return model.eval()
 
 # %% ../nbs/02_classify.ipynb #bfe06019
-DISTILL_TEMPERATURE = 2.0   # softens the teacher's and the judge's predictions for the distillation loss (Hinton et al.: 2-20)
-
 def _distillation(model:Classifier, teacher:Classifier|None, weight:float, device) -> dict:
     "`_train_epoch`'s distillation settings (none without a teacher or a weight), the teacher frozen on `device`; noted in `model.meta`."
     if teacher is None or weight <= 0: return {}
